@@ -1,0 +1,43 @@
+# The two commands of the README, plus helpers. Every target sets up what it needs itself.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(abspath $(VENV))/bin
+STAMP := $(VENV)/.installed
+export PATH := $(BIN):$(PATH)
+
+.PHONY: install run data test test-fast lint clean
+
+install: $(STAMP)
+
+# requirements.lock pins every package (it is `pip freeze` of a working install), so pip resolves
+# at once and a clean clone gets exactly the versions the tests ran with.
+$(STAMP): pyproject.toml requirements.lock
+	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "imtext needs Python 3.11"'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --disable-pip-version-check --progress-bar off -c requirements.lock -e '.[dev]'
+	touch $@
+
+# The built-in dataset is generated, not downloaded: the same seed gives the bytes data.dvc tracks.
+data: install
+	@if dvc status --quiet data.dvc 2>/dev/null; then \
+		echo "data/shapes matches data.dvc; not regenerating"; \
+	else \
+		imtext data shapes --out data/shapes; \
+	fi
+
+run: data
+	dvc repro
+	dvc status
+
+test: install
+	pytest
+
+test-fast: install
+	pytest -m "not slow"
+
+lint: install
+	ruff check src tests
+	ruff format --check src tests
+
+clean:
+	rm -rf artifacts .pytest_cache

@@ -1,0 +1,1 @@
+"""Data layer: the built-in ``shapes`` dataset, annotation readers, vocabulary, prepared splits."""

@@ -1,0 +1,138 @@
+"""PyTorch datasets over prepared splits, with the Dual-Path paper's augmentation.
+
+Training items pair an augmented image (random resized crop keeping 80-100% of the side, aspect
+3/4-4/3, bicubic; optional horizontal flip) with one random caption of that image, its words moved
+to a random position in the window (the paper's position shift), and the image's instance label.
+Evaluation items are deterministic: a resized centre crop, and captions left-aligned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, get_worker_info
+from torchvision.transforms import v2
+
+from imtext.data.store import PreparedSplit
+from imtext.data.text import random_shift
+
+#: ImageNet statistics, which torchvision's ResNets expect.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+#: The paper crops 80-100% of the image side, i.e. 64-100% of its area.
+CROP_AREA = (0.64, 1.0)
+CROP_RATIO = (3 / 4, 4 / 3)
+
+
+def train_transform(
+    image_size: int,
+    hflip: bool,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> v2.Compose:
+    """PIL image -> float tensor (3, image_size, image_size), augmented and normalised.
+
+    Set ``hflip=False`` when captions talk about left and right (the ``shapes`` dataset does):
+    a flipped image would contradict its caption.
+    """
+    steps: list = [
+        v2.ToImage(),
+        v2.RandomResizedCrop(
+            image_size,
+            scale=CROP_AREA,
+            ratio=CROP_RATIO,
+            interpolation=v2.InterpolationMode.BICUBIC,
+            antialias=True,
+        ),
+    ]
+    if hflip:
+        steps.append(v2.RandomHorizontalFlip())
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+    return v2.Compose(steps)
+
+
+def eval_transform(
+    image_size: int,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> v2.Compose:
+    """PIL image -> float tensor (3, image_size, image_size): resize shorter side, centre crop."""
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.Resize(image_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+            v2.CenterCrop(image_size),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(list(mean), list(std)),
+        ]
+    )
+
+
+class InstanceTrainDataset(Dataset):
+    """One item per image: ``{"image", "tokens", "label", "index"}``.
+
+    ``tokens`` is one randomly chosen caption of the image (int64 (L,)), position-shifted when
+    ``shift`` is set; ``label`` is the instance class (image row, or identity for CUHK-PEDES).
+    Randomness comes from a per-worker generator seeded from torch's, so a DataLoader seed makes an
+    epoch reproducible.
+    """
+
+    def __init__(self, split: PreparedSplit, transform: v2.Compose, shift: bool = True) -> None:
+        self.split = split
+        self.transform = transform
+        self.shift = shift
+        self.captions_of = split.captions_of_image()
+        self._rng: np.random.Generator | None = None
+        self._rng_worker: int | None = None
+
+    def __len__(self) -> int:
+        return self.split.n_images
+
+    def _generator(self) -> np.random.Generator:
+        info = get_worker_info()
+        worker = info.id if info is not None else -1
+        if self._rng is None or self._rng_worker != worker:
+            seed = info.seed if info is not None else int(torch.initial_seed())
+            self._rng, self._rng_worker = np.random.default_rng(seed % 2**63), worker
+        return self._rng
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
+        rng = self._generator()
+        caption = int(rng.choice(self.captions_of[index]))
+        row, length = self.split.tokens[caption], int(self.split.lengths[caption])
+        tokens = random_shift(row, length, rng) if self.shift else row
+        return {
+            "image": self.transform(self.split.image(index)),
+            "tokens": torch.from_numpy(tokens.astype(np.int64)),
+            "label": int(self.split.image_labels[index]),
+            "index": index,
+        }
+
+
+class ImageDataset(Dataset):
+    """Images of a split in row order, deterministically transformed: ``(image, row)``."""
+
+    def __init__(self, split: PreparedSplit, transform: v2.Compose) -> None:
+        self.split, self.transform = split, transform
+
+    def __len__(self) -> int:
+        return self.split.n_images
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.transform(self.split.image(index)), index
+
+
+class CaptionDataset(Dataset):
+    """Captions of a split in order, left-aligned: ``(tokens int64 (L,), image row)``."""
+
+    def __init__(self, split: PreparedSplit) -> None:
+        self.split = split
+
+    def __len__(self) -> int:
+        return self.split.n_captions
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        tokens = torch.from_numpy(self.split.tokens[index].astype(np.int64))
+        return tokens, int(self.split.caption_image[index])

@@ -1,0 +1,210 @@
+"""The ``prepare`` stage: annotations + images -> vocabulary and prepared splits.
+
+Order matters for honesty and for losing nothing: every image is checked and re-encoded before
+anything is written, the vocabulary is built from the training split only, and the output directory
+is swapped in whole at the end, so a failure leaves the previous output as it was.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from imtext._fs import atomic_directory
+from imtext.config import PrepareConfig, config_to_dict
+from imtext.data.readers import SKIP_HINT, SPLITS, Format, ImageRecord, read_annotations
+from imtext.data.store import META_FILE, VOCAB_FILE, write_split
+from imtext.data.text import UNK_ID, Vocabulary, build_vocabulary, encode_all, tokenize
+from imtext.errors import DataError
+
+#: Caption length used when ``prepare.max_len`` is null, as in the Dual-Path paper.
+DEFAULT_MAX_LEN = {"karpathy": 32, "cuhk-pedes": 56}
+
+Log = Callable[[str], None]
+Progress = Callable[[Iterable, int, str], Iterable]
+
+
+def _no_progress(items: Iterable, total: int, desc: str) -> Iterable:
+    return items
+
+
+def encode_image(path: Path, short_side: int, image_format: str) -> bytes:
+    """Decode the image at ``path`` fully, downscale its shorter side to ``short_side`` if longer,
+    and re-encode it; raise :class:`DataError` naming the file if it is missing or unreadable."""
+    try:
+        with Image.open(path) as image:
+            image.load()  # a truncated file fails here, not later in training
+            rgb = image.convert("RGB")
+    except FileNotFoundError:
+        raise DataError(f"{path}: image file not found") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise DataError(f"{path}: image cannot be decoded ({exc})") from None
+    width, height = rgb.size
+    if min(width, height) > short_side:
+        scale = short_side / min(width, height)
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        rgb = rgb.resize(size, Image.Resampling.LANCZOS)
+    buffer = io.BytesIO()
+    if image_format == "png":
+        rgb.save(buffer, format="PNG")
+    else:
+        rgb.save(buffer, format="JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def find_missing_images(records: Sequence[ImageRecord], images_dir: Path) -> list[ImageRecord]:
+    return [r for r in records if not (images_dir / r.relpath).is_file()]
+
+
+def instance_labels(records: Sequence[ImageRecord]) -> np.ndarray:
+    """Instance label per image: its row, or its identity renumbered 0..k-1 in sorted order."""
+    if all(r.identity is None for r in records):
+        return np.arange(len(records), dtype=np.int64)
+    ids = sorted({r.identity for r in records})
+    index = {identity: k for k, identity in enumerate(ids)}
+    return np.array([index[r.identity] for r in records], dtype=np.int64)
+
+
+def split_arrays(
+    records: Sequence[ImageRecord],
+    caption_tokens: Sequence[Sequence[str]],
+    vocab: Vocabulary,
+    max_len: int,
+) -> dict[str, np.ndarray]:
+    """The per-image and per-caption arrays of one split (see :class:`PreparedSplit`).
+
+    ``caption_tokens`` holds the tokens of every caption of ``records``, in order.
+    """
+    captions = [c for r in records for c in r.captions]
+    tokens, lengths = encode_all(caption_tokens, vocab, max_len)
+    caption_image = np.repeat(np.arange(len(records)), [len(r.captions) for r in records])
+    return {
+        "tokens": tokens,
+        "lengths": lengths,
+        "caption_image": caption_image.astype(np.int64),
+        "image_labels": instance_labels(records),
+        "filenames": np.array([r.relpath for r in records], dtype=str),
+        "captions": np.array(captions, dtype=str),
+    }
+
+
+def _load_images(
+    records: Sequence[ImageRecord],
+    images_dir: Path,
+    cfg: PrepareConfig,
+    skip_bad: bool,
+    report: Log,
+    progress: Progress,
+) -> tuple[list[ImageRecord], list[bytes]]:
+    def load(record: ImageRecord) -> bytes | DataError:
+        try:
+            return encode_image(images_dir / record.relpath, cfg.image_short_side, cfg.image_format)
+        except DataError as exc:
+            return exc
+
+    kept, blobs = [], []
+    with ThreadPoolExecutor(max_workers=cfg.workers) as pool:
+        results = progress(pool.map(load, records), len(records), "images")
+        for record, result in zip(records, results, strict=True):
+            if isinstance(result, DataError):
+                problem = f"{result} ({record.where}); replace the file {SKIP_HINT}"
+                if not skip_bad:
+                    raise DataError(problem)
+                report(problem)
+                continue
+            kept.append(record)
+            blobs.append(result)
+    return kept, blobs
+
+
+def prepare(
+    cfg: PrepareConfig,
+    annotations: Path,
+    images_dir: Path,
+    out_dir: Path,
+    fmt: Format = "karpathy",
+    skip_bad: bool = False,
+    log: Log = print,
+    progress: Progress = _no_progress,
+) -> dict[str, Any]:
+    """Run the prepare stage; write ``out_dir`` and return its metrics.
+
+    ``out_dir`` receives ``vocab.json``, ``meta.json`` and per split ``{split}.npz`` and
+    ``{split}-images.bin``. With ``skip_bad``, unusable captions and images are dropped and listed
+    in ``meta.json``; otherwise the first one raises :class:`DataError`.
+    """
+    annotations, images_dir = Path(annotations), Path(images_dir)
+    if not images_dir.is_dir():
+        raise DataError(f"{images_dir}: image directory not found; check --images")
+    skipped: list[str] = []
+
+    def report(problem: str) -> None:
+        skipped.append(problem)
+        log(f"skipped: {problem}")
+
+    records = read_annotations(
+        annotations,
+        fmt,
+        captions_per_image=cfg.captions_per_image,
+        use_restval=cfg.use_restval,
+        skip_bad=skip_bad,
+        report=report,
+    )
+    log(f"read {len(records)} images from {annotations}")
+    missing = find_missing_images(records, images_dir)
+    if missing and not skip_bad:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise DataError(
+            f"{images_dir / missing[0].relpath}: image file not found ({missing[0].where}){more}; "
+            f"check --images {SKIP_HINT}"
+        )
+    for record in missing:
+        report(f"{images_dir / record.relpath}: image file not found ({record.where})")
+    unreadable = set(missing)
+    records = [r for r in records if r not in unreadable]
+    records, blobs = _load_images(records, images_dir, cfg, skip_bad, report, progress)
+
+    by_split = {s: [i for i, r in enumerate(records) if r.split == s] for s in SPLITS}
+    if not by_split["train"]:
+        raise DataError(f"{annotations}: no usable training images; the train split is empty")
+    max_len = cfg.max_len or DEFAULT_MAX_LEN[fmt]
+    tokens = {s: [tokenize(c) for i in rows for c in records[i].captions] for s, rows in by_split.items()}
+    vocab = build_vocabulary(tokens["train"], cfg.min_count)
+    metrics: dict[str, Any] = {"vocab_size": len(vocab), "max_len": max_len, "skipped": len(skipped)}
+
+    with atomic_directory(out_dir) as tmp:
+        for split, rows in by_split.items():
+            arrays = split_arrays([records[i] for i in rows], tokens[split], vocab, max_len)
+            write_split(tmp, split, [blobs[i] for i in rows], arrays)
+            metrics[f"{split}_images"] = len(rows)
+            metrics[f"{split}_captions"] = len(arrays["tokens"])
+            metrics[f"{split}_unk_rate"] = _unk_rate(arrays["tokens"], arrays["lengths"])
+            metrics[f"{split}_truncated"] = sum(len(t) > max_len for t in tokens[split])
+        vocab.to_json(tmp / VOCAB_FILE, min_count=cfg.min_count, built_from="train")
+        meta = {
+            "format": fmt,
+            "annotations": str(annotations),
+            "images": str(images_dir),
+            "config": config_to_dict(cfg),
+            "metrics": metrics,
+            "skipped": skipped,
+        }
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+    log(
+        "prepared "
+        + ", ".join(f"{s} {metrics[f'{s}_images']} images" for s in SPLITS)
+        + f"; vocabulary {len(vocab)} words; skipped {len(skipped)} -> {out_dir}"
+    )
+    return metrics
+
+
+def _unk_rate(tokens: np.ndarray, lengths: np.ndarray) -> float:
+    total = int(lengths.sum())
+    return float((tokens == UNK_ID).sum() / total) if total else 0.0

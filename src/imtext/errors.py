@@ -1,0 +1,18 @@
+"""Errors a user can act on.
+
+Every error raised for bad input or bad settings is an :class:`ImtextError`; its message names the
+file, record or setting at fault and says what to do. The CLI prints it on one line and exits non-zero
+(with a traceback only under ``--debug``); anything else escaping is a bug.
+"""
+
+
+class ImtextError(Exception):
+    """Base class for errors caused by input, configuration or environment, not by a bug."""
+
+
+class ConfigError(ImtextError):
+    """A setting in params.yaml or on the command line is missing, unknown or invalid."""
+
+
+class DataError(ImtextError):
+    """An annotation file, image or caption cannot be used."""
