@@ -5,7 +5,7 @@ BIN := $(abspath $(VENV))/bin
 STAMP := $(VENV)/.installed
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install run data test test-fast lint clean
+.PHONY: install run data test test-fast format clean
 
 install: $(STAMP)
 
@@ -30,14 +30,16 @@ run: data
 	dvc status
 
 test: install
+	ruff check src tests
+	ruff format --check src tests
 	pytest
 
 test-fast: install
 	pytest -m "not slow"
 
-lint: install
-	ruff check src tests
-	ruff format --check src tests
+format: install
+	ruff format src tests
+	ruff check --fix src tests
 
 clean:
 	rm -rf artifacts .pytest_cache

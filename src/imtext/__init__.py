@@ -1,2 +1,3 @@
 """imtext: image-text retrieval."""
+
 __version__ = "0.1.0"

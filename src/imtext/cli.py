@@ -47,7 +47,10 @@ def _add_shapes(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--seed", type=int, default=shapes.DEFAULT_SEED, help="(default: %(default)s)")
     p.add_argument(
-        "--size", type=int, default=shapes.DEFAULT_SIZE, help="image side in pixels (default: %(default)s)"
+        "--size",
+        type=int,
+        default=shapes.DEFAULT_SIZE,
+        help="image side in pixels (default: %(default)s)",
     )
     p.set_defaults(func=_run_shapes)
 
@@ -69,6 +72,24 @@ def _run_shapes(args: argparse.Namespace) -> None:
     )
 
 
+def _add_stats(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "stats",
+        help="print dataset-card numbers of a Karpathy JSON file as JSON",
+        description="Split sizes, caption lengths, training vocabulary and, for shapes, scene facts.",
+    )
+    p.add_argument("--annotations", type=Path, required=True, help="Karpathy JSON file")
+    p.set_defaults(func=_run_stats)
+
+
+def _run_stats(args: argparse.Namespace) -> None:
+    import json
+
+    from imtext.data.stats import karpathy_stats
+
+    print(json.dumps(karpathy_stats(args.annotations), indent=1))
+
+
 def _add_prepare(sub: argparse._SubParsersAction) -> None:
     from imtext.data.readers import FORMATS
 
@@ -84,12 +105,19 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("--annotations", type=Path, required=True, help="annotation JSON file")
-    p.add_argument("--images", type=Path, required=True, help="directory the image paths are relative to")
+    p.add_argument(
+        "--images", type=Path, required=True, help="directory the image paths are relative to"
+    )
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.add_argument(
-        "--format", choices=FORMATS, default="karpathy", help="annotation format (default: %(default)s)"
+        "--format",
+        choices=FORMATS,
+        default="karpathy",
+        help="annotation format (default: %(default)s)",
     )
-    p.add_argument("--params", type=Path, default=Path("params.yaml"), help="(default: %(default)s)")
+    p.add_argument(
+        "--params", type=Path, default=Path("params.yaml"), help="(default: %(default)s)"
+    )
     p.add_argument(
         "--skip-bad",
         action="store_true",
@@ -125,7 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     data = sub.add_parser("data", help="built-in datasets", description="Built-in datasets.")
-    _add_shapes(data.add_subparsers(dest="dataset", required=True, metavar="DATASET"))
+    data_commands = data.add_subparsers(dest="dataset", required=True, metavar="COMMAND")
+    _add_shapes(data_commands)
+    _add_stats(data_commands)
     _add_prepare(sub)
     return parser
 

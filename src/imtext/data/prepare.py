@@ -175,9 +175,15 @@ def prepare(
     if not by_split["train"]:
         raise DataError(f"{annotations}: no usable training images; the train split is empty")
     max_len = cfg.max_len or DEFAULT_MAX_LEN[fmt]
-    tokens = {s: [tokenize(c) for i in rows for c in records[i].captions] for s, rows in by_split.items()}
+    tokens = {
+        s: [tokenize(c) for i in rows for c in records[i].captions] for s, rows in by_split.items()
+    }
     vocab = build_vocabulary(tokens["train"], cfg.min_count)
-    metrics: dict[str, Any] = {"vocab_size": len(vocab), "max_len": max_len, "skipped": len(skipped)}
+    metrics: dict[str, Any] = {
+        "vocab_size": len(vocab),
+        "max_len": max_len,
+        "skipped": len(skipped),
+    }
 
     with atomic_directory(out_dir) as tmp:
         for split, rows in by_split.items():

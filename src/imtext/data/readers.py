@@ -115,7 +115,9 @@ def _clean_captions(
 
 def _field(entry: dict, name: str, kind: type | tuple[type, ...], where: str, path: Path) -> Any:
     if name not in entry:
-        raise DataError(f"{path}: {where}: missing field {name!r}; the annotation file is malformed")
+        raise DataError(
+            f"{path}: {where}: missing field {name!r}; the annotation file is malformed"
+        )
     value = entry[name]
     if not isinstance(value, kind) or isinstance(value, bool):
         raise DataError(
@@ -136,7 +138,9 @@ def _karpathy_records(data: Any, path: Path, use_restval: bool) -> list[ImageRec
     records, seen = [], {}
     for i, entry in enumerate(data["images"]):
         if not isinstance(entry, dict):
-            raise DataError(f"{path}: record {i} is not an object; the annotation file is malformed")
+            raise DataError(
+                f"{path}: record {i} is not an object; the annotation file is malformed"
+            )
         filename = _field(entry, "filename", str, f"record {i}", path)
         imgid = entry.get("imgid", i)
         where = f"record {i} (imgid {imgid}, {filename})"
@@ -182,7 +186,9 @@ def _cuhk_records(data: Any, path: Path) -> list[ImageRecord]:
     records, seen = [], {}
     for i, entry in enumerate(data):
         if not isinstance(entry, dict):
-            raise DataError(f"{path}: record {i} is not an object; the annotation file is malformed")
+            raise DataError(
+                f"{path}: record {i} is not an object; the annotation file is malformed"
+            )
         relpath = _field(entry, "file_path", str, f"record {i}", path)
         where = f"record {i} ({relpath})"
         if relpath in seen:

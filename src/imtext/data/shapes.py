@@ -5,8 +5,10 @@ of a 3x3 grid, in one of three sizes. Every caption names the colour and shape o
 the background colour, and no two scenes share that combination, so each caption identifies its
 image; sizes, positions, relations and the background pattern are mentioned by some captions only.
 Telling scenes apart therefore needs colour-shape binding ("a red circle and a blue square" vs "a
-blue circle and a red square"), which is what makes retrieval among 1,000 test images hard but
-learnable. See DATASET.md for the card.
+blue circle and a red square"). To make that binding necessary rather than merely possible, 30% of
+scenes are one-fact variations of an earlier scene of the same split (two colours swapped, one
+object recoloured or reshaped, or the background changed): near-duplicate hard negatives that
+make retrieval among 1,000 test images hard but learnable. See DATASET.md for the card.
 
 Generation is byte-for-byte deterministic for a seed: scenes and captions come from Python's
 ``random.Random`` (stable across platforms and versions) and the PNG files are written without
@@ -19,7 +21,7 @@ import json
 import math
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -60,6 +62,8 @@ DEFAULT_IMAGES = 6000
 DEFAULT_SEED = 0
 DEFAULT_SIZE = 128
 MAX_EVAL_IMAGES = 1000
+#: Share of scenes drawn as a one-fact variation of an earlier scene of their split.
+NEAR_DUPLICATE_RATE = 0.3
 SUPERSAMPLE = 2
 
 SHAPE_WORDS = {
@@ -149,17 +153,63 @@ def sample_scene(rng: random.Random) -> Scene:
     return Scene(rng.choice(tuple(BACKGROUNDS)), rng.choice(PATTERNS), objects)
 
 
-def sample_unique_scenes(n: int, seed: int) -> list[Scene]:
-    """``n`` scenes, no two with the same :meth:`Scene.identity` (so no two share all captions)."""
+def _kinds_distinct(objects: Sequence[SceneObject]) -> bool:
+    return len({(o.colour, o.shape) for o in objects}) == len(objects)
+
+
+def perturb_scene(scene: Scene, rng: random.Random) -> Scene | None:
+    """A near-duplicate of ``scene`` that differs in one stated fact, or ``None`` if the drawn
+    change is impossible. Layout, sizes and pattern stay, so only the caption tells them apart:
+
+    - swap the colours of two objects (tells apart models that do not bind colour to shape),
+    - recolour one object, reshape one object, or change the background colour.
+    """
+    objects = list(scene.objects)
+    change = rng.choice(("swap", "swap", "colour", "shape", "background"))
+    if change == "background":
+        others = [b for b in BACKGROUNDS if b != scene.background]
+        return replace(scene, background=rng.choice(others))
+    i = rng.randrange(len(objects))
+    if change == "swap":
+        j = rng.randrange(len(objects))
+        if objects[i].colour == objects[j].colour or objects[i].shape == objects[j].shape:
+            return None  # the swap would change nothing a caption states
+        a, b = objects[i], objects[j]
+        objects[i] = replace(a, colour=b.colour)
+        objects[j] = replace(b, colour=a.colour)
+    elif change == "colour":
+        colour = rng.choice([c for c in COLOURS if c != objects[i].colour])
+        objects[i] = replace(objects[i], colour=colour)
+    else:
+        shape = rng.choice([s for s in SHAPES if s != objects[i].shape])
+        angle = 0.0 if shape == "circle" else objects[i].angle
+        objects[i] = replace(objects[i], shape=shape, angle=angle)
+    return replace(scene, objects=tuple(objects)) if _kinds_distinct(objects) else None
+
+
+def sample_scenes(sizes: dict[str, int], seed: int) -> list[tuple[str, Scene]]:
+    """``(split, scene)`` pairs, split by split, no two scenes with the same :meth:`Scene.identity`
+    (so no two images share all captions).
+
+    A fraction :data:`NEAR_DUPLICATE_RATE` of scenes are :func:`perturb_scene` siblings of an
+    earlier scene *of the same split*: hard negatives at evaluation time, and never a near-copy of
+    a training image in val or test.
+    """
     rng = random.Random(seed)
     seen: set[tuple] = set()
-    scenes = []
-    while len(scenes) < n:
-        scene = sample_scene(rng)
-        if scene.identity() not in seen:
-            seen.add(scene.identity())
-            scenes.append(scene)
-    return scenes
+    out: list[tuple[str, Scene]] = []
+    for split, size in sizes.items():
+        scenes: list[Scene] = []
+        while len(scenes) < size:
+            if scenes and rng.random() < NEAR_DUPLICATE_RATE:
+                scene = perturb_scene(rng.choice(scenes), rng)
+            else:
+                scene = sample_scene(rng)
+            if scene is not None and scene.identity() not in seen:
+                seen.add(scene.identity())
+                scenes.append(scene)
+        out += [(split, scene) for scene in scenes]
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -222,8 +272,12 @@ def _caption_count(scene: Scene, objs: list[SceneObject], rng: random.Random) ->
 
 def _caption_positions(scene: Scene, objs: list[SceneObject], rng: random.Random) -> str:
     sized = rng.random() < 0.3
-    parts = [f"{_object_phrase(o, rng, sized)} {rng.choice(CELL_PHRASES[o.row, o.col])}" for o in objs]
-    return f"{_join(parts, rng)}; the background is {rng.choice(BACKGROUND_WORDS[scene.background])}"
+    parts = [
+        f"{_object_phrase(o, rng, sized)} {rng.choice(CELL_PHRASES[o.row, o.col])}" for o in objs
+    ]
+    return (
+        f"{_join(parts, rng)}; the background is {rng.choice(BACKGROUND_WORDS[scene.background])}"
+    )
 
 
 def _caption_relations(scene: Scene, objs: list[SceneObject], rng: random.Random) -> str:
@@ -372,15 +426,16 @@ def split_sizes(n_images: int) -> dict[str, int]:
     return {"train": n_images - 2 * n_eval, "val": n_eval, "test": n_eval}
 
 
-def build_annotations(scenes: Sequence[Scene], seed: int) -> dict:
-    """The Karpathy-format ``dataset.json`` content for ``scenes`` (images named by index)."""
-    splits = [name for name, k in split_sizes(len(scenes)).items() for _ in range(k)]
+def build_annotations(scenes: Sequence[tuple[str, Scene]], seed: int) -> dict:
+    """The Karpathy-format ``dataset.json`` content for ``(split, scene)`` pairs."""
     rng = random.Random(f"captions-{seed}")
     images, sentid = [], 0
-    for imgid, (scene, split) in enumerate(zip(scenes, splits, strict=True)):
+    for imgid, (split, scene) in enumerate(scenes):
         sentences = []
         for raw in scene_captions(scene, rng):
-            sentences.append({"raw": raw, "tokens": tokenize(raw), "imgid": imgid, "sentid": sentid})
+            sentences.append(
+                {"raw": raw, "tokens": tokenize(raw), "imgid": imgid, "sentid": sentid}
+            )
             sentid += 1
         images.append(
             {
@@ -411,10 +466,10 @@ def generate_shapes(
         raise ConfigError(f"--images {n_images}: the shapes dataset needs at least 6 images")
     if size < 32:
         raise ConfigError(f"--size {size}: images smaller than 32 pixels cannot show the shapes")
-    scenes = sample_unique_scenes(n_images, seed)
+    scenes = sample_scenes(split_sizes(n_images), seed)
     annotations = build_annotations(scenes, seed)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
-    for record, scene in progress(list(zip(annotations["images"], scenes, strict=True))):
+    for record, (_, scene) in progress(list(zip(annotations["images"], scenes, strict=True))):
         render_scene(scene, size).save(out_dir / "images" / record["filename"], optimize=False)
     text = json.dumps(annotations, separators=(",", ":"), ensure_ascii=False) + "\n"
     (out_dir / "dataset.json").write_text(text, encoding="utf-8")

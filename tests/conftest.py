@@ -1,0 +1,103 @@
+"""Shared fixtures: tiny annotation files and images written by the tests themselves."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+from imtext.config import PrepareConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+DEFAULT_PREPARE = PrepareConfig(
+    max_len=None,
+    min_count=1,
+    captions_per_image=5,
+    use_restval=True,
+    image_short_side=256,
+    image_format="png",
+    workers=2,
+)
+
+
+def write_image(path: Path, colour: tuple[int, int, int] = (200, 30, 30), size=(12, 10)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path)
+    return path
+
+
+def karpathy_image(
+    imgid: int, split: str, captions: list[str], filepath: str | None = None
+) -> dict:
+    entry = {
+        "filename": f"img{imgid}.png",
+        "imgid": imgid,
+        "split": split,
+        "sentids": list(range(imgid * 10, imgid * 10 + len(captions))),
+        "sentences": [
+            {"raw": c, "tokens": c.lower().split(), "imgid": imgid, "sentid": imgid * 10 + j}
+            for j, c in enumerate(captions)
+        ],
+    }
+    if filepath is not None:
+        entry["filepath"] = filepath
+    return entry
+
+
+@pytest.fixture
+def karpathy_dir(tmp_path: Path) -> Path:
+    """A tiny COCO-like Karpathy dataset: train, restval (with filepath), val and test images.
+
+    The word "zebra" occurs only in a test caption, "giraffe" only in a val caption.
+    """
+    images = [
+        karpathy_image(0, "train", ["a red square", "a square that is red"]),
+        karpathy_image(1, "train", ["a blue circle", "one blue disc", "a circle"], "sub"),
+        karpathy_image(2, "restval", ["a green star on grey"], "sub"),
+        karpathy_image(3, "val", ["a giraffe square"]),
+        karpathy_image(4, "test", ["a zebra circle", "a red circle"]),
+        karpathy_image(5, "test", ["a blue square"]),
+    ]
+    for i, entry in enumerate(images):
+        folder = tmp_path / "images" / entry.get("filepath", "")
+        write_image(folder / entry["filename"], (40 * i, 20, 200 - 30 * i))
+    (tmp_path / "dataset.json").write_text(json.dumps({"images": images, "dataset": "coco"}))
+    return tmp_path
+
+
+@pytest.fixture
+def cuhk_dir(tmp_path: Path) -> Path:
+    """A tiny CUHK-PEDES reid_raw.json: identities 7 and 3 in train, 11 in val, 20 and 21 in test."""
+    rows = [
+        ("train", 7, "CUHK01/a.png", ["a man in a red shirt", "red shirt and jeans"]),
+        ("train", 7, "CUHK01/b.png", ["the man wears a red shirt", "jeans and red top"]),
+        ("train", 3, "cam_a/c.png", ["a woman with a blue bag", "blue bag"]),
+        ("val", 11, "cam_b/d.png", ["a child in green", "green coat"]),
+        ("test", 20, "test/e.png", ["a tall man in black", "black coat"]),
+        ("test", 21, "test/f.png", ["a woman in a yellow dress", "yellow dress"]),
+    ]
+    records = []
+    for i, (split, pid, path, captions) in enumerate(rows):
+        write_image(tmp_path / "imgs" / path, (30 * i, 100, 50))
+        records.append(
+            {
+                "split": split,
+                "captions": captions,
+                "file_path": path,
+                "processed_tokens": [c.split() for c in captions],
+                "id": pid,
+            }
+        )
+    (tmp_path / "reid_raw.json").write_text(json.dumps(records))
+    return tmp_path
+
+
+def write_params(path: Path, **prepare_overrides) -> Path:
+    section = dataclasses.asdict(DEFAULT_PREPARE) | prepare_overrides
+    path.write_text(yaml.safe_dump({"prepare": section}))
+    return path

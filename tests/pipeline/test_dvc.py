@@ -1,0 +1,81 @@
+"""DVC on the real data: data.dvc reproduces, dvc.yaml runs, the S3 remote pushes and pulls."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import boto3
+import pytest
+import yaml
+
+from imtext.data.shapes import generate_shapes
+from tests.conftest import REPO
+from tests.pipeline.conftest import BIN
+
+pytestmark = pytest.mark.slow
+
+
+def run(*args, cwd: Path, env: dict | None = None) -> str:
+    full_env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **(env or {})}
+    result = subprocess.run(
+        [str(a) for a in args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, f"{args} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+def dvc_repo(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    run("dvc", "init", "--no-scm", "-q", cwd=path)
+    run("dvc", "config", "core.analytics", "false", cwd=path)
+    return path
+
+
+def test_default_shapes_dataset_reproduces_data_dvc(tmp_path):
+    repo = dvc_repo(tmp_path / "repo")
+    generate_shapes(repo / "data" / "shapes")  # the defaults, as `make run` calls it
+    run("dvc", "add", "-q", "data", cwd=repo)
+    tracked = yaml.safe_load((REPO / "data.dvc").read_text())["outs"][0]
+    regenerated = yaml.safe_load((repo / "data.dvc").read_text())["outs"][0]
+    assert regenerated == tracked
+
+
+def test_dvc_yaml_prepare_stage_runs(tmp_path):
+    repo = dvc_repo(tmp_path / "repo")
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy(REPO / name, repo / name)
+    shutil.copytree(REPO / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    generate_shapes(repo / "data" / "shapes", n_images=30, size=32)
+    run("dvc", "repro", cwd=repo)
+    assert (repo / "artifacts" / "prepared" / "train.npz").is_file()
+    assert "up to date" in run("dvc", "status", cwd=repo)
+    # Changing a parameter of the stage makes DVC rerun it.
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["prepare"]["min_count"] = 2
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    assert "prepare" in run("dvc", "status", cwd=repo)
+
+
+def test_s3_remote_push_and_pull(tmp_path, s3_endpoint, s3_env):
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="imtext-data")
+    repo = dvc_repo(tmp_path / "repo")
+    # The project's remote, pointed at the local endpoint the way a user points it at MinIO.
+    url = run("dvc", "config", "remote.storage.url", cwd=REPO).strip()
+    assert url.startswith("s3://")
+    run("dvc", "remote", "add", "-d", "storage", url, cwd=repo)
+    run("dvc", "remote", "modify", "--local", "storage", "endpointurl", s3_endpoint, cwd=repo)
+    generate_shapes(repo / "data" / "shapes", n_images=12, size=32)
+    before = sorted((p.relative_to(repo), p.read_bytes()) for p in (repo / "data").rglob("*.*"))
+    run("dvc", "add", "-q", "data", cwd=repo)
+    run("dvc", "push", "-q", cwd=repo)
+    objects = boto3.client("s3", endpoint_url=s3_endpoint).list_objects_v2(Bucket="imtext-data")
+    assert objects["KeyCount"] >= 13  # 12 images, dataset.json and the directory listing
+
+    shutil.rmtree(repo / "data")
+    shutil.rmtree(repo / ".dvc" / "cache")
+    run("dvc", "pull", "-q", cwd=repo)
+    after = sorted((p.relative_to(repo), p.read_bytes()) for p in (repo / "data").rglob("*.*"))
+    assert after == before

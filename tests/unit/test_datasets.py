@@ -1,0 +1,98 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from imtext.data.datasets import (
+    CaptionDataset,
+    ImageDataset,
+    InstanceTrainDataset,
+    eval_transform,
+    train_transform,
+)
+from imtext.data.prepare import prepare
+from imtext.data.store import PreparedSplit
+from tests.conftest import DEFAULT_PREPARE
+
+
+@pytest.fixture
+def prepared(karpathy_dir, tmp_path):
+    out = tmp_path / "prepared"
+    prepare(
+        DEFAULT_PREPARE,
+        karpathy_dir / "dataset.json",
+        karpathy_dir / "images",
+        out,
+        log=lambda m: None,
+    )
+    return out
+
+
+def _unshift(tokens: np.ndarray) -> list[int]:
+    return [int(t) for t in tokens if t != 0]
+
+
+def test_train_items_pair_an_augmented_image_with_a_shifted_caption_of_it(prepared):
+    split = PreparedSplit.load(prepared, "train")
+    dataset = InstanceTrainDataset(split, train_transform(16, hflip=True), shift=True)
+    captions_of = split.captions_of_image()
+    torch.manual_seed(0)
+    offsets = set()
+    for _ in range(30):
+        for index in range(len(dataset)):
+            item = dataset[index]
+            assert item["image"].shape == (3, 16, 16) and item["image"].dtype == torch.float32
+            assert item["tokens"].dtype == torch.int64 and item["tokens"].shape == (32,)
+            assert item["label"] == split.image_labels[index] and item["index"] == index
+            own = [_unshift(split.tokens[c]) for c in captions_of[index]]
+            assert _unshift(item["tokens"].numpy()) in own
+            offsets.add(int(np.flatnonzero(item["tokens"].numpy())[0]))
+    assert len(offsets) > 5  # the words really move around the window
+
+
+def test_without_shift_tokens_stay_left_aligned(prepared):
+    split = PreparedSplit.load(prepared, "train")
+    dataset = InstanceTrainDataset(split, eval_transform(8), shift=False)
+    for index in range(len(dataset)):
+        assert dataset[index]["tokens"][0] != 0
+
+
+def test_a_seeded_loader_repeats_and_workers_load(prepared):
+    split = PreparedSplit.load(prepared, "train")
+    dataset = InstanceTrainDataset(split, train_transform(16, hflip=False))
+
+    def epoch(workers: int) -> torch.Tensor:
+        loader = DataLoader(
+            dataset, batch_size=3, num_workers=workers, generator=torch.Generator().manual_seed(7)
+        )
+        return torch.cat([batch["tokens"] for batch in loader])
+
+    assert torch.equal(epoch(2), epoch(2))
+    assert epoch(0).shape == (3, 32)
+
+
+def test_train_crop_keeps_most_of_the_image():
+    # A left half black / right half white image: a crop keeping >= 80% of the side still shows both.
+    image = Image.new("RGB", (100, 100), (0, 0, 0))
+    image.paste((255, 255, 255), (50, 0, 100, 100))
+    transform = train_transform(32, hflip=False, mean=(0, 0, 0), std=(1, 1, 1))
+    torch.manual_seed(0)
+    for _ in range(50):
+        out = transform(image)
+        assert out[:, :, 0].mean() < 0.1 and out[:, :, -1].mean() > 0.9
+
+
+def test_eval_datasets_are_deterministic_and_ordered(prepared):
+    split = PreparedSplit.load(prepared, "test")
+    images = ImageDataset(split, eval_transform(8, mean=(0, 0, 0), std=(1, 1, 1)))
+    image, row = images[1]
+    assert image.shape == (3, 8, 8) and row == 1
+    assert torch.equal(images[1][0], image)
+    assert image[0].mean().item() == pytest.approx(200 / 255, abs=1e-3)
+    captions = CaptionDataset(split)
+    assert len(captions) == 3
+    assert [captions[i][1] for i in range(3)] == [0, 0, 1]
+    assert torch.equal(captions[2][0], torch.from_numpy(split.tokens[2].astype(np.int64)))
