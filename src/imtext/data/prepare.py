@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from imtext._fs import atomic_directory
 from imtext.config import PrepareConfig, config_to_dict
@@ -44,6 +44,8 @@ def encode_image(path: Path, short_side: int, image_format: str) -> bytes:
             rgb = image.convert("RGB")
     except FileNotFoundError:
         raise DataError(f"{path}: image file not found") from None
+    except UnidentifiedImageError:
+        raise DataError(f"{path}: image cannot be decoded (not an image format Pillow reads)") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise DataError(f"{path}: image cannot be decoded ({exc})") from None
     width, height = rgb.size
