@@ -45,7 +45,9 @@ def encode_image(path: Path, short_side: int, image_format: str) -> bytes:
     except FileNotFoundError:
         raise DataError(f"{path}: image file not found") from None
     except UnidentifiedImageError:
-        raise DataError(f"{path}: image cannot be decoded (not an image format Pillow reads)") from None
+        raise DataError(
+            f"{path}: image cannot be decoded (not an image format Pillow reads)"
+        ) from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise DataError(f"{path}: image cannot be decoded ({exc})") from None
     width, height = rgb.size

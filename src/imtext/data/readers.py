@@ -127,6 +127,24 @@ def _field(entry: dict, name: str, kind: type | tuple[type, ...], where: str, pa
     return value
 
 
+def _claim(seen: dict, key: Any, index: int, what: str, where: str, path: Path) -> None:
+    """Record that ``key`` belongs to record ``index``; a second claim is a duplicate-image error."""
+    if key in seen:
+        raise DataError(
+            f"{path}: {where}: duplicate {what} (also record {seen[key]}); each image must appear once"
+        )
+    seen[key] = index
+
+
+def _split(entry: dict, allowed: tuple[str, ...], where: str, path: Path) -> str:
+    split = _field(entry, "split", str, where, path)
+    if split not in allowed:
+        raise DataError(
+            f"{path}: {where}: unknown split {split!r}; expected one of {', '.join(allowed)}"
+        )
+    return split
+
+
 def _karpathy_records(data: Any, path: Path, use_restval: bool) -> list[ImageRecord]:
     if isinstance(data, list):
         raise DataError(
@@ -144,18 +162,8 @@ def _karpathy_records(data: Any, path: Path, use_restval: bool) -> list[ImageRec
         filename = _field(entry, "filename", str, f"record {i}", path)
         imgid = entry.get("imgid", i)
         where = f"record {i} (imgid {imgid}, {filename})"
-        if imgid in seen:
-            raise DataError(
-                f"{path}: {where}: duplicate image id {imgid} (also record {seen[imgid]}); "
-                "each image must appear once"
-            )
-        seen[imgid] = i
-        split = _field(entry, "split", str, where, path)
-        if split not in KARPATHY_SPLITS:
-            raise DataError(
-                f"{path}: {where}: unknown split {split!r}; expected one of "
-                f"{', '.join(KARPATHY_SPLITS)}"
-            )
+        _claim(seen, imgid, i, f"image id {imgid}", where, path)
+        split = _split(entry, KARPATHY_SPLITS, where, path)
         if split == "restval":
             if not use_restval:
                 continue
@@ -191,17 +199,8 @@ def _cuhk_records(data: Any, path: Path) -> list[ImageRecord]:
             )
         relpath = _field(entry, "file_path", str, f"record {i}", path)
         where = f"record {i} ({relpath})"
-        if relpath in seen:
-            raise DataError(
-                f"{path}: {where}: duplicate image {relpath} (also record {seen[relpath]}); "
-                "each image must appear once"
-            )
-        seen[relpath] = i
-        split = _field(entry, "split", str, where, path)
-        if split not in SPLITS:
-            raise DataError(
-                f"{path}: {where}: unknown split {split!r}; expected one of {', '.join(SPLITS)}"
-            )
+        _claim(seen, relpath, i, f"image {relpath}", where, path)
+        split = _split(entry, SPLITS, where, path)
         identity = _field(entry, "id", int, where, path)
         captions = _field(entry, "captions", list, where, path)
         for j, caption in enumerate(captions):
