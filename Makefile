@@ -14,7 +14,8 @@ install: $(STAMP)
 $(STAMP): pyproject.toml requirements.lock
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "imtext needs Python 3.11"'
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --disable-pip-version-check --progress-bar off -c requirements.lock -e '.[dev]'
+	@echo "installing imtext and its pinned dependencies into $(VENV) (about 2 minutes)"
+	$(BIN)/pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[dev]'
 	touch $@
 
 # The built-in dataset is generated, not downloaded: the same seed gives the bytes data.dvc tracks.

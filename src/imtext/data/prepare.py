@@ -178,6 +178,11 @@ def prepare(
     by_split = {s: [i for i, r in enumerate(records) if r.split == s] for s in SPLITS}
     if not by_split["train"]:
         raise DataError(f"{annotations}: no usable training images; the train split is empty")
+    for split in ("val", "test"):
+        if not by_split[split]:
+            log(
+                f"warning: the {split} split of {annotations} is empty; {split} metrics will be missing"
+            )
     max_len = cfg.max_len or DEFAULT_MAX_LEN[fmt]
     tokens = {
         s: [tokenize(c) for i in rows for c in records[i].captions] for s, rows in by_split.items()
