@@ -155,3 +155,14 @@ def test_output_is_deterministic(karpathy_dir, tmp_path):
         assert (tmp_path / "a" / f"{split}-images.bin").read_bytes() == (
             tmp_path / "b" / f"{split}-images.bin"
         ).read_bytes()
+
+
+def test_an_empty_split_is_written_and_warned_about(karpathy_dir, tmp_path):
+    data = json.loads((karpathy_dir / "dataset.json").read_text())
+    data["images"] = [im for im in data["images"] if im["split"] != "val"]
+    (karpathy_dir / "dataset.json").write_text(json.dumps(data))
+    metrics, logs = run(karpathy_dir, tmp_path / "out")
+    assert metrics["val_images"] == 0 and metrics["val_captions"] == 0
+    assert any("warning: the val split" in line for line in logs)
+    val = PreparedSplit.load(tmp_path / "out", "val")
+    assert val.n_images == 0 and val.tokens.shape == (0, 32)

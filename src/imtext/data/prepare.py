@@ -1,8 +1,9 @@
 """The ``prepare`` stage: annotations + images -> vocabulary and prepared splits.
 
-Order matters for honesty and for losing nothing: every image is checked and re-encoded before
-anything is written, the vocabulary is built from the training split only, and the output directory
-is swapped in whole at the end, so a failure leaves the previous output as it was.
+Order matters for honesty and for losing nothing: everything is written into a temporary directory
+that replaces the output only at the end, so a failure leaves the previous output as it was; images
+are streamed to disk as they are re-encoded (memory does not grow with the dataset); and the
+vocabulary is built from the training split only.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from PIL import Image, UnidentifiedImageError
 from imtext._fs import atomic_directory
 from imtext.config import PrepareConfig, config_to_dict
 from imtext.data.readers import SKIP_HINT, SPLITS, Format, ImageRecord, read_annotations
-from imtext.data.store import META_FILE, VOCAB_FILE, write_split
+from imtext.data.store import META_FILE, VOCAB_FILE, ImageBlobWriter, write_split_arrays
 from imtext.data.text import UNK_ID, Vocabulary, build_vocabulary, encode_all, tokenize
 from imtext.errors import DataError
 
@@ -99,21 +100,24 @@ def split_arrays(
     }
 
 
-def _load_images(
+def _write_images(
     records: Sequence[ImageRecord],
     images_dir: Path,
     cfg: PrepareConfig,
+    writer: ImageBlobWriter,
     skip_bad: bool,
     report: Log,
     progress: Progress,
-) -> tuple[list[ImageRecord], list[bytes]]:
+) -> list[ImageRecord]:
+    """Check, re-encode and append every image to its split's blob; return the records kept."""
+
     def load(record: ImageRecord) -> bytes | DataError:
         try:
             return encode_image(images_dir / record.relpath, cfg.image_short_side, cfg.image_format)
         except DataError as exc:
             return exc
 
-    kept, blobs = [], []
+    kept = []
     with ThreadPoolExecutor(max_workers=cfg.workers) as pool:
         results = progress(pool.map(load, records), len(records), "images")
         for record, result in zip(records, results, strict=True):
@@ -123,9 +127,9 @@ def _load_images(
                     raise DataError(problem)
                 report(problem)
                 continue
+            writer.append(record.split, result)
             kept.append(record)
-            blobs.append(result)
-    return kept, blobs
+    return kept
 
 
 def prepare(
@@ -173,31 +177,29 @@ def prepare(
         report(f"{images_dir / record.relpath}: image file not found ({record.where})")
     unreadable = set(missing)
     records = [r for r in records if r not in unreadable]
-    records, blobs = _load_images(records, images_dir, cfg, skip_bad, report, progress)
-
-    by_split = {s: [i for i, r in enumerate(records) if r.split == s] for s in SPLITS}
-    if not by_split["train"]:
-        raise DataError(f"{annotations}: no usable training images; the train split is empty")
-    for split in ("val", "test"):
-        if not by_split[split]:
-            log(
-                f"warning: the {split} split of {annotations} is empty; {split} metrics will be missing"
-            )
-    max_len = cfg.max_len or DEFAULT_MAX_LEN[fmt]
-    tokens = {
-        s: [tokenize(c) for i in rows for c in records[i].captions] for s, rows in by_split.items()
-    }
-    vocab = build_vocabulary(tokens["train"], cfg.min_count)
-    metrics: dict[str, Any] = {
-        "vocab_size": len(vocab),
-        "max_len": max_len,
-        "skipped": len(skipped),
-    }
 
     with atomic_directory(out_dir) as tmp:
+        with ImageBlobWriter(tmp) as writer:
+            records = _write_images(records, images_dir, cfg, writer, skip_bad, report, progress)
+        by_split = {s: [r for r in records if r.split == s] for s in SPLITS}
+        if not by_split["train"]:
+            raise DataError(f"{annotations}: no usable training images; the train split is empty")
+        for split in ("val", "test"):
+            if not by_split[split]:
+                log(f"warning: the {split} split of {annotations} is empty; no {split} metrics")
+        max_len = cfg.max_len or DEFAULT_MAX_LEN[fmt]
+        tokens = {
+            s: [tokenize(c) for r in rows for c in r.captions] for s, rows in by_split.items()
+        }
+        vocab = build_vocabulary(tokens["train"], cfg.min_count)
+        metrics: dict[str, Any] = {
+            "vocab_size": len(vocab),
+            "max_len": max_len,
+            "skipped": len(skipped),
+        }
         for split, rows in by_split.items():
-            arrays = split_arrays([records[i] for i in rows], tokens[split], vocab, max_len)
-            write_split(tmp, split, [blobs[i] for i in rows], arrays)
+            arrays = split_arrays(rows, tokens[split], vocab, max_len)
+            write_split_arrays(tmp, split, writer.offsets(split), arrays)
             metrics[f"{split}_images"] = len(rows)
             metrics[f"{split}_captions"] = len(arrays["tokens"])
             metrics[f"{split}_unk_rate"] = _unk_rate(arrays["tokens"], arrays["lengths"])

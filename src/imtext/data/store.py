@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image
@@ -32,16 +31,44 @@ def arrays_file(split: str) -> str:
     return f"{split}.npz"
 
 
-def write_split(
-    out_dir: Path, split: str, images: Sequence[bytes], arrays: dict[str, np.ndarray]
+class ImageBlobWriter:
+    """Appends encoded images to ``{split}-images.bin`` files as they are produced, so that
+    preparing a large dataset never holds its images in memory; remembers each split's offsets."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = Path(out_dir)
+        self._files: dict[str, BinaryIO] = {}
+        self._offsets: dict[str, list[int]] = {}
+
+    def append(self, split: str, encoded: bytes) -> None:
+        if split not in self._files:
+            self._files[split] = open(self.out_dir / images_file(split), "wb")
+            self._offsets[split] = [0]
+        self._files[split].write(encoded)
+        self._offsets[split].append(self._offsets[split][-1] + len(encoded))
+
+    def offsets(self, split: str) -> np.ndarray:
+        """int64 (n + 1,): image ``i`` of ``split`` is bytes ``[offsets[i], offsets[i + 1])``."""
+        return np.array(self._offsets.get(split, [0]), dtype=np.int64)
+
+    def close(self) -> None:
+        for file in self._files.values():
+            file.close()
+
+    def __enter__(self) -> ImageBlobWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def write_split_arrays(
+    out_dir: Path, split: str, image_offsets: np.ndarray, arrays: dict[str, np.ndarray]
 ) -> None:
-    """Write one split: ``images`` (encoded bytes, in row order) and its arrays."""
-    offsets = np.zeros(len(images) + 1, dtype=np.int64)
-    with open(out_dir / images_file(split), "wb") as blob:
-        for i, encoded in enumerate(images):
-            blob.write(encoded)
-            offsets[i + 1] = offsets[i] + len(encoded)
-    np.savez_compressed(out_dir / arrays_file(split), image_offsets=offsets, **arrays)
+    """Write ``{split}.npz``; an empty split also gets its (empty) image file."""
+    if len(image_offsets) == 1:
+        (out_dir / images_file(split)).touch()
+    np.savez_compressed(out_dir / arrays_file(split), image_offsets=image_offsets, **arrays)
 
 
 @dataclass
