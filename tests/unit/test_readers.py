@@ -181,3 +181,10 @@ def test_cuhk_non_string_caption(tmp_path):
     row = {"split": "train", "captions": ["a", 5], "file_path": "a.png", "id": 1}
     with pytest.raises(DataError, match=r"record 0 \(a\.png\): caption 1 is not a string"):
         read(write(tmp_path, [row]), fmt="cuhk-pedes")
+
+
+def test_punctuation_only_caption_counts_as_empty(tmp_path):
+    path = write(tmp_path, {"images": [karpathy_image(0, "train", ["a dog", " ... !"])]})
+    with pytest.raises(DataError, match=r"caption 1 has no words \('\.\.\. !'\)"):
+        read(path)
+    assert read(path, skip_bad=True)[0][0].captions == ("a dog",)

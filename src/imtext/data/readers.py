@@ -4,7 +4,8 @@ Both return the same :class:`ImageRecord` list, in file order. Structural proble
 UTF-8, wrong top-level shape, a record without a required field, an unknown split, a duplicate image
 id) always stop the run: no later step can be trusted. Content problems in one record (an empty
 caption, an image left with no captions) stop it too unless ``skip_bad`` is set, in which case the
-record or caption is dropped and the reason handed to ``report``.
+record or caption is dropped and the reason handed to ``report``. A caption of punctuation alone
+counts as empty: it would encode to nothing but padding.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from imtext.data.text import tokenize
 from imtext.errors import DataError
 
 Format = Literal["karpathy", "cuhk-pedes"]
@@ -103,10 +105,11 @@ def _clean_captions(
 ) -> tuple[str, ...]:
     kept = []
     for j, caption in enumerate(record.captions):
-        if caption.strip():
+        if tokenize(caption):
             kept.append(" ".join(caption.split()))
             continue
-        problem = f"{record.where}: caption {j} is empty; write the caption {SKIP_HINT}"
+        what = "is empty" if not caption.strip() else f"has no words ({caption.strip()!r})"
+        problem = f"{record.where}: caption {j} {what}; write the caption {SKIP_HINT}"
         if not skip_bad:
             raise DataError(problem)
         report(problem)
