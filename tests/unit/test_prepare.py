@@ -31,6 +31,15 @@ def run(
     return metrics, logs
 
 
+def assert_fails_then_skips_one(root, out, pattern: str) -> list[str]:
+    """The bad training image stops the run with ``pattern``; ``--skip-bad`` drops just it."""
+    with pytest.raises(DataError, match=pattern):
+        run(root, out)
+    metrics, logs = run(root, out, skip_bad=True)
+    assert metrics["train_images"] == 2 and metrics["skipped"] == 1
+    return logs
+
+
 def test_karpathy_end_to_end(karpathy_dir, tmp_path):
     out = tmp_path / "prepared"
     metrics, _ = run(karpathy_dir, out)
@@ -94,13 +103,11 @@ def test_large_images_are_downscaled_and_jpeg_is_supported(tmp_path):
 
 def test_missing_image_names_file_and_record(karpathy_dir, tmp_path):
     (karpathy_dir / "images" / "sub" / "img1.png").unlink()
-    with pytest.raises(
-        DataError,
-        match=r"sub/img1\.png: image file not found \(.*record 1 \(imgid 1, img1\.png\)\); check --images or pass --skip-bad",
-    ):
-        run(karpathy_dir, tmp_path / "out")
-    metrics, logs = run(karpathy_dir, tmp_path / "out", skip_bad=True)
-    assert metrics["train_images"] == 2 and metrics["skipped"] == 1
+    logs = assert_fails_then_skips_one(
+        karpathy_dir,
+        tmp_path / "out",
+        r"sub/img1\.png: image file not found \(.*record 1 \(imgid 1, img1\.png\)\); check --images or pass --skip-bad",
+    )
     assert any("img1.png: image file not found" in line for line in logs)
     assert len(read_meta(tmp_path / "out")["skipped"]) == 1
 
@@ -111,18 +118,15 @@ def test_corrupt_image_names_file(karpathy_dir, tmp_path, damage):
     if damage == "garbage":
         path.write_bytes(b"this is not an image")
     elif damage == "truncated":
-        write_image(path, size=(64, 64))
         Image.effect_noise((64, 64), 50).convert("RGB").save(path)
         path.write_bytes(path.read_bytes()[:300])
     else:
         path.write_bytes(b"")
-    with pytest.raises(
-        DataError,
-        match=r"img0\.png: image cannot be decoded .*record 0 .*replace the file or pass --skip-bad",
-    ):
-        run(karpathy_dir, tmp_path / "out")
-    metrics, _ = run(karpathy_dir, tmp_path / "out", skip_bad=True)
-    assert metrics["train_images"] == 2 and metrics["skipped"] == 1
+    assert_fails_then_skips_one(
+        karpathy_dir,
+        tmp_path / "out",
+        r"img0\.png: image cannot be decoded .*record 0 .*replace the file or pass --skip-bad",
+    )
 
 
 def test_failure_leaves_previous_output_untouched(karpathy_dir, tmp_path):
