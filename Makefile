@@ -31,16 +31,16 @@ run: data
 	dvc status
 
 test: install
-	ruff check src tests
-	ruff format --check src tests
+	ruff check src tests bench
+	ruff format --check src tests bench
 	pytest
 
 test-fast: install
 	pytest -m "not slow"
 
 format: install
-	ruff format src tests
-	ruff check --fix src tests
+	ruff format src tests bench
+	ruff check --fix src tests bench
 
 clean:
 	rm -rf artifacts .pytest_cache

@@ -36,7 +36,12 @@ def make_photo_dataset(root: Path, n_images: int, seed: int = 0) -> None:
         Image.fromarray(pixels).save(root / "images" / f"{i}.jpg", quality=90)
         split = "train" if i < n_images * 0.8 else "test"
         images.append(
-            {"filename": f"{i}.jpg", "imgid": i, "split": split, "sentences": [{"raw": f"photo {i}"}]}
+            {
+                "filename": f"{i}.jpg",
+                "imgid": i,
+                "split": split,
+                "sentences": [{"raw": f"photo {i}"}],
+            }
         )
     (root / "dataset.json").write_text(json.dumps({"images": images}))
 
