@@ -144,6 +144,95 @@ def _run_prepare(args: argparse.Namespace) -> None:
     )
 
 
+def _add_train(sub: argparse._SubParsersAction, stage: str) -> None:
+    stage_one = stage == "pretrain"
+    p = sub.add_parser(
+        stage,
+        help=(
+            "Stage I: train both branches with the instance loss"
+            if stage_one
+            else "Stage II: fine-tune end to end with ranking + instance loss"
+        ),
+        description=(
+            (
+                "Stage I of the dual-path method: one classifier over all training instances, "
+                "shared by the image and the text branch, trains both with the instance loss. "
+                if stage_one
+                else "Stage II of the dual-path method: starting from Stage I's model (--init), "
+                "train end to end with the bidirectional ranking loss plus the instance loss. "
+            )
+            + f"Settings come from the 'model' and '{stage}' sections of --params. "
+            "Writes OUT/checkpoint.pt after every epoch (--resume continues from it), "
+            "OUT/model.pt (the epoch with the best validation rsum), OUT/history.json, "
+            "OUT/metrics.json and OUT/log.jsonl. For data-parallel training run it under "
+            "torchrun (gloo on CPUs, NCCL on GPUs); batch_size is per process."
+        ),
+    )
+    p.add_argument(
+        "--prepared", type=Path, required=True, help="output directory of `imtext prepare`"
+    )
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+    if not stage_one:
+        p.add_argument(
+            "--init",
+            type=Path,
+            required=True,
+            help="model file to start from (pretrain's model.pt)",
+        )
+    p.add_argument(
+        "--params", type=Path, default=Path("params.yaml"), help="(default: %(default)s)"
+    )
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="auto (CUDA when available), cpu, cuda or cuda:N (default: %(default)s)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from OUT/checkpoint.pt if there is one (same params required)",
+    )
+    p.set_defaults(func=_run_train, stage=stage)
+
+
+def _run_train(args: argparse.Namespace) -> None:
+    import json
+
+    from imtext.config import load_stage_config
+    from imtext.train.loop import train_stage
+
+    model_cfg = load_stage_config("model", args.params)
+    cfg = load_stage_config(args.stage, args.params)
+    args.out.mkdir(parents=True, exist_ok=True)
+    log_path = args.out / "log.jsonl"
+
+    def log_metrics(metrics: dict[str, float], step: int) -> None:
+        with log_path.open("a", encoding="utf-8") as file:
+            file.write(json.dumps({"stage": args.stage, "step": step, **metrics}) + "\n")
+
+    metrics = train_stage(
+        args.stage,
+        model_cfg,
+        cfg,
+        args.prepared,
+        args.out,
+        init=getattr(args, "init", None),
+        resume=args.resume,
+        device=args.device,
+        log=log_metrics,
+    )
+    if "val_rsum" in metrics:
+        log.info(
+            "%s done: best epoch %d, val rsum %.1f (R@1 i2t %.1f, t2i %.1f) -> %s",
+            args.stage,
+            metrics["best_epoch"],
+            metrics["val_rsum"],
+            metrics["val_i2t_r1"],
+            metrics["val_t2i_r1"],
+            args.out,
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="imtext",
@@ -157,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_shapes(data_commands)
     _add_stats(data_commands)
     _add_prepare(sub)
+    _add_train(sub, "pretrain")
+    _add_train(sub, "finetune")
     return parser
 
 

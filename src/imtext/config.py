@@ -45,10 +45,148 @@ class PrepareConfig:
         for name in ("max_len", "min_count", "captions_per_image", "image_short_side", "workers"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise ConfigError(f"prepare.{name}: must be at least 1, got {value}")
+                raise ConfigError(f"{name}: must be at least 1, got {value}")
 
 
-STAGE_CONFIGS: dict[str, type] = {"prepare": PrepareConfig}
+Backbone = Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of the dual-path model, shared by ``pretrain`` and ``finetune``.
+
+    The paper's model is ``resnet50`` at 224 px, a 2048-d head, 300-d word2vec words, text width 256
+    and text blocks ``[3, 4, 6, 1]``; the defaults in ``params.yaml`` are a narrow variant that
+    trains on two CPU cores in minutes.
+    """
+
+    #: torchvision ResNet of the image branch.
+    image_backbone: Backbone
+    #: Local file with torchvision ImageNet weights for the backbone (never downloaded); ``null``
+    #: starts from random weights.
+    image_weights: str | None
+    #: Side of the square image crop fed to the network (paper: 224).
+    image_size: int
+    #: Width of both heads and of the shared embedding (paper: 2048).
+    embed_dim: int
+    #: Dropout before the shared instance classifier (paper: 0.5 COCO, 0.75 Flickr30k, 0.8 CUHK).
+    dropout: float
+    #: Word-vector width (paper: 300, word2vec).
+    word_dim: int
+    #: Local word2vec file (text or binary format) to initialise the word embedding; ``null``
+    #: starts from random vectors.
+    word2vec: str | None
+    #: Channels of the first residual stage of the text CNN; later stages have 2x, 4x, 8x (paper 256).
+    text_width: int
+    #: Residual blocks in each of the four text-CNN stages (paper: [3, 4, 6, 1]).
+    text_blocks: list[int]
+    #: Whether the shared instance classifier has a bias (paper: yes, except COCO).
+    classifier_bias: bool
+
+    def __post_init__(self) -> None:
+        for name in ("image_size", "embed_dim", "word_dim", "text_width"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"dropout: must be in [0, 1), got {self.dropout}")
+        if len(self.text_blocks) != 4 or min(self.text_blocks) < 1:
+            raise ConfigError(
+                f"text_blocks: need 4 stages of at least 1 block, got {self.text_blocks}"
+            )
+
+
+Ranking = Literal["paired_hard", "paired_random", "batch_sum", "batch_hardest"]
+Optimizer = Literal["sgd", "adam"]
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of one training stage: ``pretrain`` (Stage I) or ``finetune`` (Stage II).
+
+    Both stages run the same loop; Stage I is the loss weights ``[0, 1, 1]`` (instance loss only),
+    Stage II adds the ranking loss and starts from Stage I's weights.
+    """
+
+    epochs: int
+    #: Images per step, each with one random caption (paper: 32).
+    batch_size: int
+    optimizer: Optimizer
+    #: Learning rate of the new layers (heads, text CNN, shared classifier).
+    lr: float
+    #: SGD momentum (Nesterov) or Adam's beta1.
+    momentum: float
+    weight_decay: float
+    #: Epochs after which the learning rate is multiplied by ``lr_gamma``.
+    lr_milestones: list[int]
+    lr_gamma: float
+    #: Learning-rate multiplier of the image CNN; 0 freezes it (the paper's Stage I).
+    backbone_lr_mult: float
+    #: Learning-rate multiplier of the word embedding (paper: 1e-3 over word2vec).
+    word_lr_mult: float
+    #: Weights of (ranking, image instance, text instance) losses (paper Stage II: 2, 1, 0.1).
+    loss_weights: list[float]
+    #: ``paired_hard``: the paper's one negative per anchor, the text mined from a candidate pool;
+    #: ``paired_random``: the same with a random candidate (the paper's CUHK-PEDES setting);
+    #: ``batch_sum`` / ``batch_hardest``: all in-batch negatives, summed (VSE) or hardest (VSE++).
+    ranking: Ranking
+    margin: float
+    #: Random captions of other images scored to mine each hard negative (paper: 256).
+    candidate_pool: int
+    #: Horizontal flips (off when captions say left and right, as in the shapes dataset).
+    hflip: bool
+    #: Smallest fraction of the image side kept by the random crop (paper: 0.8).
+    crop_scale: float
+    #: Move each caption to a random position in its window (the paper's position shift).
+    text_shift: bool
+    #: Validate every this many epochs (recall on the val split; the best epoch is kept).
+    eval_every: int
+    #: Stop after this many validations without a better val rsum; ``null`` never stops early.
+    patience: int | None
+    #: DataLoader worker processes.
+    workers: int
+    seed: int
+    #: Mixed precision on CUDA (``bf16``/``fp16``); the CPU always runs fp32.
+    precision: Precision
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "candidate_pool", "eval_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be at least 1, got {getattr(self, name)}")
+        if self.ranking.startswith("paired") and self.batch_size % 2:
+            raise ConfigError(
+                f"batch_size: paired ranking splits the batch in halves; got {self.batch_size}, "
+                "use an even number"
+            )
+        if len(self.loss_weights) != 3 or min(self.loss_weights) < 0:
+            raise ConfigError(
+                "loss_weights: need three non-negative weights (ranking, image instance, "
+                f"text instance), got {self.loss_weights}"
+            )
+        if not 0 < self.crop_scale <= 1:
+            raise ConfigError(f"crop_scale: must be in (0, 1], got {self.crop_scale}")
+        for name in ("lr", "backbone_lr_mult", "word_lr_mult", "weight_decay", "workers"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must not be negative, got {getattr(self, name)}")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"momentum: must be in [0, 1), got {self.momentum}")
+        if self.lr_gamma <= 0 or self.margin < 0:
+            raise ConfigError(
+                f"lr_gamma must be positive and margin not negative, got {self.lr_gamma}, "
+                f"{self.margin}"
+            )
+        if any(m < 1 for m in self.lr_milestones):
+            raise ConfigError(f"lr_milestones: epochs count from 1, got {self.lr_milestones}")
+        if self.patience is not None and self.patience < 1:
+            raise ConfigError(f"patience: must be at least 1 or null, got {self.patience}")
+
+
+STAGE_CONFIGS: dict[str, type] = {
+    "prepare": PrepareConfig,
+    "model": ModelConfig,
+    "pretrain": TrainConfig,
+    "finetune": TrainConfig,
+}
 
 
 def read_params(path: str | Path) -> dict[str, Any]:
@@ -89,7 +227,10 @@ def config_from_dict(cls: type[T], values: Any, where: str) -> T:
         raise ConfigError(f"{where}: missing key {missing[0]!r}; add it to the section")
     hints = typing.get_type_hints(cls)
     checked = {name: _check_type(values[name], hints[name], f"{where}.{name}") for name in fields}
-    return cls(**checked)
+    try:
+        return cls(**checked)
+    except ConfigError as exc:  # a value of the right type but out of range
+        raise ConfigError(f"{where}.{exc}") from None
 
 
 def load_stage_config(stage: str, params_path: str | Path) -> Any:

@@ -24,6 +24,11 @@ FORBIDDEN = {
     },
     "imtext.errors": {"torch", "numpy", "yaml", "mlflow", "kfp"},
     "imtext.data": {"mlflow", "kfp", "imtext.models", "imtext.losses", "imtext.train"},
+    "imtext.losses": {"mlflow", "kfp", "imtext.data", "imtext.models", "imtext.train"},
+    "imtext.eval.metrics": {"mlflow", "kfp", "imtext.data", "imtext.models", "imtext.train"},
+    "imtext.eval.protocols": {"mlflow", "kfp", "imtext.data", "imtext.models", "imtext.train"},
+    "imtext.models": {"mlflow", "kfp", "imtext.data", "imtext.losses", "imtext.train"},
+    "imtext.train": {"mlflow", "kfp", "imtext.registry", "imtext.export"},
 }
 
 

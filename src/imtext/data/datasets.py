@@ -21,19 +21,21 @@ from imtext.data.text import random_shift
 #: ImageNet statistics, which torchvision's ResNets expect.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-#: The paper crops 80-100% of the image side, i.e. 64-100% of its area.
-CROP_AREA = (0.64, 1.0)
+#: The paper crops 80-100% of the image side.
+CROP_SCALE = 0.8
 CROP_RATIO = (3 / 4, 4 / 3)
 
 
 def train_transform(
     image_size: int,
     hflip: bool,
+    crop_scale: float = CROP_SCALE,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
 ) -> v2.Compose:
     """PIL image -> float tensor (3, image_size, image_size), augmented and normalised.
 
+    The random crop keeps ``crop_scale``-100% of the image side (area ``crop_scale**2``-100%).
     Set ``hflip=False`` when captions talk about left and right (the ``shapes`` dataset does):
     a flipped image would contradict its caption.
     """
@@ -41,7 +43,7 @@ def train_transform(
         v2.ToImage(),
         v2.RandomResizedCrop(
             image_size,
-            scale=CROP_AREA,
+            scale=(crop_scale**2, 1.0),
             ratio=CROP_RATIO,
             interpolation=v2.InterpolationMode.BICUBIC,
             antialias=True,
@@ -85,17 +87,18 @@ class InstanceTrainDataset(Dataset):
         self.shift = shift
         self.captions_of = split.captions_of_image()
         self._rng: np.random.Generator | None = None
-        self._rng_worker: int | None = None
+        self._rng_seed: int | None = None
 
     def __len__(self) -> int:
         return self.split.n_images
 
     def _generator(self) -> np.random.Generator:
+        # Keyed by the seed, not the worker: in the main process (num_workers=0) the seed changes
+        # when the training loop reseeds torch for an epoch, and a resumed run must draw the same.
         info = get_worker_info()
-        worker = info.id if info is not None else -1
-        if self._rng is None or self._rng_worker != worker:
-            seed = info.seed if info is not None else int(torch.initial_seed())
-            self._rng, self._rng_worker = np.random.default_rng(seed % 2**63), worker
+        seed = (info.seed if info is not None else int(torch.initial_seed())) % 2**63
+        if self._rng is None or self._rng_seed != seed:
+            self._rng, self._rng_seed = np.random.default_rng(seed), seed
         return self._rng
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:

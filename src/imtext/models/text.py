@@ -1,0 +1,93 @@
+"""The text branch: the Dual-Path paper's deep text CNN over word ids.
+
+The paper feeds one-hot words to a 1x1 convolution with bias; that is an embedding lookup plus a
+bias added at every position, padding included (an all-zero one-hot still yields the bias). Then
+four stages of residual bottleneck blocks whose inner convolution has width 2 along the words,
+padded on the left only so a stride of 1 keeps the length; max pooling over the positions; head.
+
+Widths follow the paper with ``width`` = 256: stages output w, 2w, 4w, 8w channels; only the first
+block of the first stage narrows (to w/2); the projection blocks of the later stages keep their
+full width; identity blocks narrow to a quarter. Stages 2 and 3 halve the length.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from imtext.models.image import projection_head
+
+#: Stride of each stage's first block (paper: res-A 1, res-B 2, res-C 2, res-D 1).
+STAGE_STRIDES = (1, 2, 2, 1)
+
+
+class WordConv(nn.Module):
+    """Convolution of width 2 along the words with one zero on the left: (N, C, L) -> (N, C', L/s)."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(in_ch, out_ch, kernel_size=2, stride=stride, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (1, 0)))
+
+
+def conv_bn(in_ch: int, out_ch: int, stride: int = 1, width2: bool = False) -> nn.Sequential:
+    conv = (
+        WordConv(in_ch, out_ch, stride)
+        if width2
+        else nn.Conv1d(in_ch, out_ch, kernel_size=1, stride=stride, bias=False)
+    )
+    return nn.Sequential(conv, nn.BatchNorm1d(out_ch))
+
+
+class Bottleneck(nn.Module):
+    """1x1 -> width-2 (stride) -> 1x1, BN after each conv, ReLU inside and after the residual sum."""
+
+    def __init__(self, in_ch: int, mid_ch: int, out_ch: int, stride: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            conv_bn(in_ch, mid_ch),
+            nn.ReLU(inplace=True),
+            conv_bn(mid_ch, mid_ch, stride, width2=True),
+            nn.ReLU(inplace=True),
+            conv_bn(mid_ch, out_ch),
+        )
+        project = in_ch != out_ch or stride != 1
+        self.shortcut = conv_bn(in_ch, out_ch, stride) if project else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.body(x) + self.shortcut(x))
+
+
+def text_stages(in_ch: int, width: int, blocks: list[int]) -> nn.Sequential:
+    """The four residual stages; output channels ``8 * width``."""
+    layers: list[nn.Module] = []
+    for stage, (count, stride) in enumerate(zip(blocks, STAGE_STRIDES, strict=True)):
+        out_ch = width * 2**stage
+        # The first stage's projection block narrows to half; later ones keep full width.
+        first_mid = out_ch // 2 if stage == 0 else out_ch
+        layers.append(Bottleneck(in_ch, first_mid, out_ch, stride))
+        layers += [Bottleneck(out_ch, max(1, out_ch // 4), out_ch, 1) for _ in range(count - 1)]
+        in_ch = out_ch
+    return nn.Sequential(*layers)
+
+
+class TextCNN(nn.Module):
+    """Word ids (N, L) int64, 0 = padding -> features (N, embed_dim), post-ReLU, not normalised."""
+
+    def __init__(
+        self, vocab_size: int, word_dim: int, width: int, blocks: list[int], embed_dim: int
+    ) -> None:
+        super().__init__()
+        self.words = nn.Embedding(vocab_size, word_dim, padding_idx=0)
+        self.word_bias = nn.Parameter(torch.zeros(word_dim))
+        self.word_bn = nn.BatchNorm1d(word_dim)
+        self.stages = text_stages(word_dim, width, blocks)
+        self.head = projection_head(8 * width, embed_dim, layers=1)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = (self.words(tokens) + self.word_bias).transpose(1, 2)  # (N, word_dim, L)
+        x = self.stages(self.word_bn(x))
+        return self.head(x.amax(dim=2))

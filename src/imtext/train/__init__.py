@@ -1,0 +1,1 @@
+"""Training: the loop shared by both stages, schedules, checkpoints, distributed setup."""
