@@ -101,3 +101,28 @@ def write_params(path: Path, **prepare_overrides) -> Path:
     section = dataclasses.asdict(DEFAULT_PREPARE) | prepare_overrides
     path.write_text(yaml.safe_dump({"prepare": section}))
     return path
+
+
+TINY_MODEL = {
+    "image_backbone": "resnet18",
+    "image_weights": None,
+    "image_size": 32,
+    "embed_dim": 16,
+    "dropout": 0.2,
+    "word_dim": 8,
+    "word2vec": None,
+    "text_width": 8,
+    "text_blocks": [1, 1, 1, 1],
+    "classifier_bias": True,
+}
+
+
+def tiny_params(path: Path, **stage_overrides) -> Path:
+    """params.yaml with the repository's stages shrunk to seconds on a CPU."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["model"] = dict(TINY_MODEL)
+    for stage in ("pretrain", "finetune"):
+        params[stage].update(epochs=2, batch_size=8, workers=0, candidate_pool=16, patience=None)
+        params[stage].update(stage_overrides)
+    path.write_text(yaml.safe_dump(params))
+    return path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -12,7 +13,7 @@ import pytest
 import yaml
 
 from imtext.data.shapes import generate_shapes
-from tests.conftest import REPO
+from tests.conftest import REPO, tiny_params
 from tests.pipeline.conftest import BIN
 
 pytestmark = pytest.mark.slow
@@ -43,14 +44,17 @@ def test_default_shapes_dataset_reproduces_data_dvc(tmp_path):
     assert regenerated == tracked
 
 
-def test_dvc_yaml_prepare_stage_runs(tmp_path):
+def test_dvc_yaml_stages_run_and_rerun_only_on_change(tmp_path):
     repo = dvc_repo(tmp_path / "repo")
-    for name in ("dvc.yaml", "params.yaml"):
-        shutil.copy(REPO / name, repo / name)
+    shutil.copy(REPO / "dvc.yaml", repo / "dvc.yaml")
+    tiny_params(repo / "params.yaml")
     shutil.copytree(REPO / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__"))
-    generate_shapes(repo / "data" / "shapes", n_images=30, size=32)
+    generate_shapes(repo / "data" / "shapes", n_images=72, size=32)
     run("dvc", "repro", cwd=repo)
     assert (repo / "artifacts" / "prepared" / "train.npz").is_file()
+    assert (repo / "artifacts" / "finetune" / "model.pt").is_file()
+    metrics = json.loads(run("dvc", "metrics", "show", "--json", cwd=repo))
+    assert "val_rsum" in json.dumps(metrics)
     assert "up to date" in run("dvc", "status", cwd=repo)
     # Changing a parameter of the stage makes DVC rerun it.
     params = yaml.safe_load((repo / "params.yaml").read_text())

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.smoke.conftest import tiny_params
+from tests.conftest import tiny_params
 from tests.smoke.test_cli import IMTEXT, _assert_one_line_error, imtext
 
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")

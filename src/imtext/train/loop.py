@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
+from torch.profiler import record_function
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from imtext.config import ModelConfig, TrainConfig, config_from_dict, config_to_dict
@@ -197,7 +198,8 @@ def _timed(loader: DataLoader, stats: EpochStats) -> Iterator[dict[str, torch.Te
     while True:
         start = time.perf_counter()
         try:
-            item = next(iterator)
+            with record_function("imtext.data"):
+                item = next(iterator)
         except StopIteration:
             return
         stats.data_seconds += time.perf_counter() - start
@@ -222,26 +224,34 @@ def train_one_epoch(
     stats = EpochStats()
     start = time.perf_counter()
     for items in _timed(loader, stats):
-        if cfg.loss_weights[0] > 0 and cfg.ranking.startswith("paired"):
-            batch = mined_batch(core, items, train, cfg, rng, device)
-        else:
-            batch = Batch(items["image"], items["tokens"], items["label"], items["label"])
+        # The labels let a profiler split a step into data, mining, model and the rest.
+        with record_function("imtext.mining"):
+            if cfg.loss_weights[0] > 0 and cfg.ranking.startswith("paired"):
+                batch = mined_batch(core, items, train, cfg, rng, device)
+            else:
+                batch = Batch(items["image"], items["tokens"], items["label"], items["label"])
         with autocast_for(device, cfg.precision):
-            out = model(batch.images.to(device, non_blocking=True), batch.tokens.to(device))
-            losses = step_losses(out, batch, cfg, device)
+            with record_function("imtext.forward"):
+                out = model(batch.images.to(device, non_blocking=True), batch.tokens.to(device))
+            with record_function("imtext.loss"):
+                losses = step_losses(out, batch, cfg, device)
         if not torch.isfinite(losses["loss"]):
             raise ImtextError(
                 f"the loss became {losses['loss'].item()} at step {state.step}; lower the "
                 "learning rate (lr) or use precision bf16/fp32"
             )
         optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(losses["loss"]).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            losses["loss"].backward()
-            optimizer.step()
+        with record_function("imtext.backward"):
+            if scaler is not None:
+                scaler.scale(losses["loss"]).backward()
+            else:
+                losses["loss"].backward()
+        with record_function("imtext.optimizer"):
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
         values = {k: float(v.detach()) for k, v in losses.items()}
         stats.add(values, len(batch.images))
         state.step += 1
@@ -262,6 +272,11 @@ def validate(
     core: DualPathModel, split: PreparedSplit, image_size: int, device: torch.device
 ) -> dict[str, float]:
     """Recall on ``split`` (the whole split as one gallery), plain features."""
+    with record_function("imtext.validate"):
+        return _validate(core, split, image_size, device)
+
+
+def _validate(core, split, image_size, device):
     images = embed_images(core, split, image_size, device)
     texts = embed_captions(core, split, device)
     return retrieval_metrics(images, texts, split.caption_image)
