@@ -141,6 +141,10 @@ class TrainConfig:
     text_shift: bool
     #: Validate every this many epochs (recall on the val split; the best epoch is kept).
     eval_every: int
+    #: Test-time features of the paper for validation: image + its horizontal flip, summed.
+    val_flip_average: bool
+    #: ... and each caption averaged over every position of its words in the window.
+    val_shift_average: bool
     #: Stop after this many validations without a better val rsum; ``null`` never stops early.
     patience: int | None
     #: DataLoader worker processes.

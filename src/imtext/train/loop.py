@@ -269,16 +269,17 @@ def train_one_epoch(
 
 
 def validate(
-    core: DualPathModel, split: PreparedSplit, image_size: int, device: torch.device
+    core: DualPathModel,
+    split: PreparedSplit,
+    image_size: int,
+    device: torch.device,
+    flip_average: bool = False,
+    shift_average: bool = False,
 ) -> dict[str, float]:
-    """Recall on ``split`` (the whole split as one gallery), plain features."""
+    """Recall on ``split`` (the whole split as one gallery)."""
     with record_function("imtext.validate"):
-        return _validate(core, split, image_size, device)
-
-
-def _validate(core, split, image_size, device):
-    images = embed_images(core, split, image_size, device)
-    texts = embed_captions(core, split, device)
+        images = embed_images(core, split, image_size, device, flip_average=flip_average)
+        texts = embed_captions(core, split, device, shift_average=shift_average)
     return retrieval_metrics(images, texts, split.caption_image)
 
 
@@ -471,12 +472,15 @@ def _train_stage(stage, model_cfg, cfg, prepared, out_dir, init, resume, info, l
         )
         if info.is_main:
             if validating:
-                metrics.update(
-                    {
-                        f"val_{k}": v
-                        for k, v in validate(core, val, model_cfg.image_size, info.device).items()
-                    }
+                scores = validate(
+                    core,
+                    val,
+                    model_cfg.image_size,
+                    info.device,
+                    cfg.val_flip_average,
+                    cfg.val_shift_average,
                 )
+                metrics.update({f"val_{k}": v for k, v in scores.items()})
                 _track_best(
                     state, metrics, core, model_cfg, len(vocab), n_classes, cfg, stage, out_dir
                 )
