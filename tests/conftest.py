@@ -126,3 +126,19 @@ def tiny_params(path: Path, **stage_overrides) -> Path:
         params[stage].update(stage_overrides)
     path.write_text(yaml.safe_dump(params))
     return path
+
+
+@pytest.fixture
+def karpathy_prepared(karpathy_dir: Path, tmp_path: Path) -> Path:
+    """``karpathy_dir`` run through ``prepare`` with the default settings."""
+    from imtext.data.prepare import prepare
+
+    out = tmp_path / "prepared"
+    prepare(
+        DEFAULT_PREPARE,
+        karpathy_dir / "dataset.json",
+        karpathy_dir / "images",
+        out,
+        log=lambda m: None,
+    )
+    return out

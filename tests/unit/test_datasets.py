@@ -13,22 +13,12 @@ from imtext.data.datasets import (
     eval_transform,
     train_transform,
 )
-from imtext.data.prepare import prepare
 from imtext.data.store import PreparedSplit
-from tests.conftest import DEFAULT_PREPARE
 
 
 @pytest.fixture
-def prepared(karpathy_dir, tmp_path):
-    out = tmp_path / "prepared"
-    prepare(
-        DEFAULT_PREPARE,
-        karpathy_dir / "dataset.json",
-        karpathy_dir / "images",
-        out,
-        log=lambda m: None,
-    )
-    return out
+def prepared(karpathy_prepared):
+    return karpathy_prepared
 
 
 def _unshift(tokens: np.ndarray) -> list[int]:

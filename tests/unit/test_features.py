@@ -20,23 +20,8 @@ def test_caption_shifts_places_the_words_at_every_offset():
     assert caption_shifts(np.array([5, 6, 7]), 3).tolist() == [[5, 6, 7]]
 
 
-def _tiny_split(tmp_path, karpathy_dir):
-    from imtext.data.prepare import prepare
-    from tests.conftest import DEFAULT_PREPARE
-
-    out = tmp_path / "prepared"
-    prepare(
-        DEFAULT_PREPARE,
-        karpathy_dir / "dataset.json",
-        karpathy_dir / "images",
-        out,
-        log=lambda m: None,
-    )
-    return PreparedSplit.load(out, "test")
-
-
-def test_averaged_features_equal_the_normalised_sum(tmp_path, karpathy_dir):
-    split = _tiny_split(tmp_path, karpathy_dir)
+def test_averaged_features_equal_the_normalised_sum(karpathy_prepared):
+    split = PreparedSplit.load(karpathy_prepared, "test")
     torch.manual_seed(0)
     model = build_model(ModelConfig(**TINY_MODEL), vocab_size=40, n_classes=3).eval()
     device = torch.device("cpu")

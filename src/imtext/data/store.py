@@ -7,6 +7,7 @@ than one file per image, and the blob is memory-mapped so DataLoader workers sha
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 from dataclasses import dataclass
@@ -111,7 +112,7 @@ class PreparedSplit:
     def n_captions(self) -> int:
         return len(self.tokens)
 
-    @property
+    @functools.cached_property
     def caption_labels(self) -> np.ndarray:
         """Instance label of each caption (int64 (m,))."""
         return self.image_labels[self.caption_image]

@@ -6,6 +6,7 @@ Both hold state_dicts, plain JSON-able settings and tensors only, so they load w
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import tempfile
@@ -110,9 +111,7 @@ def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[DualPath
     record = load_file(path, "model file")
     model_cfg = config_from_dict(ModelConfig, record["model_config"], f"{path}: model_config")
     # Weights come from the file: never reload the backbone's ImageNet file from its old path.
-    model_cfg = ModelConfig(
-        **{**config_to_dict(model_cfg), "image_weights": None, "word2vec": None}
-    )
+    model_cfg = dataclasses.replace(model_cfg, image_weights=None, word2vec=None)
     model = build_model(model_cfg, record["vocab_size"], record["n_classes"])
     model.load_state_dict(record["state_dict"])
     return model.to(device).eval(), record

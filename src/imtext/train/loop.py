@@ -252,7 +252,10 @@ def train_one_epoch(
                 scaler.update()
             else:
                 optimizer.step()
-        values = {k: float(v.detach()) for k, v in losses.items()}
+        # One device-to-host copy for all terms, not one per term.
+        values = dict(
+            zip(losses, torch.stack([v.detach() for v in losses.values()]).tolist(), strict=True)
+        )
         stats.add(values, len(batch.images))
         state.step += 1
         if state.step % LOG_EVERY == 0:
