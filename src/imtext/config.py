@@ -185,11 +185,105 @@ class TrainConfig:
             raise ConfigError(f"patience: must be at least 1 or null, got {self.patience}")
 
 
+Protocol = Literal["full", "coco_1k", "cuhk"]
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Settings of the ``evaluate`` stage (a trained model -> retrieval metrics and a report)."""
+
+    #: Prepared split to evaluate on.
+    split: Literal["val", "test"]
+    #: ``full`` (the whole split is the gallery: Flickr30k 1K, COCO 5K, built-in), ``coco_1k``
+    #: (mean of 5 folds of 1,000 images) or ``cuhk`` (a caption hits every image of its person).
+    protocol: Protocol
+    #: Images per forward pass (captions use 4x as many).
+    batch_size: int
+    #: The paper's test-time features: image + its horizontal flip (wrong for left/right captions).
+    flip_average: bool
+    #: The paper's test-time features: a caption at every position of its window.
+    shift_average: bool
+    #: Sample text queries and sample image queries shown in the report (each).
+    report_queries: int
+    #: Results shown per query in the report.
+    report_top_k: int
+    #: Seed of the choice of report queries (the same model gives the same report).
+    seed: int
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "report_top_k"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be at least 1, got {getattr(self, name)}")
+        if self.report_queries < 0:
+            raise ConfigError(f"report_queries: must not be negative, got {self.report_queries}")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Settings of the ``export`` stage (a trained model -> ONNX encoders, verified)."""
+
+    #: ONNX opset of both encoders.
+    opset: int
+    #: Largest allowed |ONNX Runtime - PyTorch| over every embedding value of the parity batch.
+    parity_tolerance: float
+    #: Split whose recall is computed from ONNX and from PyTorch embeddings and compared.
+    recall_split: Literal["val", "test"]
+    #: Largest allowed difference in rsum (recall points) between ONNX and PyTorch embeddings.
+    recall_tolerance: float
+    #: Also write INT8 dynamically quantized encoders and measure their recall.
+    quantize: bool
+
+    def __post_init__(self) -> None:
+        if self.opset < 7:
+            raise ConfigError(f"opset: must be at least 7, got {self.opset}")
+        for name in ("parity_tolerance", "recall_tolerance"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must not be negative, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class RegisterConfig:
+    """Settings of ``register`` and ``promote`` (MLflow tracking, registry and the serving alias)."""
+
+    #: MLflow tracking URI; ``null`` uses $MLFLOW_TRACKING_URI, else the embedded default
+    #: ``sqlite:///mlflow.db`` with artifacts in ``./mlartifacts``.
+    tracking_uri: str | None
+    #: MLflow experiment of the runs.
+    experiment: str
+    #: Registered model name.
+    model_name: str
+    #: Alias that serving loads (``models:/<model_name>@<alias>``).
+    alias: str
+    #: Metric of ``evaluate``'s metrics.json that decides promotion (higher is better).
+    gate_metric: str
+    #: A candidate must beat the current champion by more than this to be promoted.
+    gate_min_delta: float
+    #: Attempts at each call to the tracking server or object store before giving up.
+    retries: int
+    #: Seconds before the first retry; doubled after each.
+    retry_backoff_s: float
+
+    def __post_init__(self) -> None:
+        if self.retries < 1:
+            raise ConfigError(f"retries: must be at least 1, got {self.retries}")
+        if self.gate_min_delta < 0 or self.retry_backoff_s < 0:
+            raise ConfigError(
+                "gate_min_delta and retry_backoff_s must not be negative, got "
+                f"{self.gate_min_delta}, {self.retry_backoff_s}"
+            )
+        for name in ("experiment", "model_name", "alias", "gate_metric"):
+            if not getattr(self, name).strip():
+                raise ConfigError(f"{name}: must not be empty")
+
+
 STAGE_CONFIGS: dict[str, type] = {
     "prepare": PrepareConfig,
     "model": ModelConfig,
     "pretrain": TrainConfig,
     "finetune": TrainConfig,
+    "evaluate": EvaluateConfig,
+    "export": ExportConfig,
+    "register": RegisterConfig,
 }
 
 
@@ -241,10 +335,43 @@ def load_stage_config(stage: str, params_path: str | Path) -> Any:
     """Load the typed config of ``stage`` from its section of ``params_path``."""
     if stage not in STAGE_CONFIGS:
         raise ConfigError(f"unknown stage {stage!r}; stages are {', '.join(STAGE_CONFIGS)}")
-    params = read_params(params_path)
+    return stage_config_from_params(stage, read_params(params_path), str(params_path))
+
+
+def apply_overrides(params: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``params`` with ``section.key=value`` overrides applied (values parsed as YAML).
+
+    The result is a new dict; unknown sections and keys are errors, so a typo never passes silently.
+    """
+    result = {section: dict(values) for section, values in params.items()}
+    for item in overrides:
+        name, sep, text = item.partition("=")
+        section, dot, key = name.strip().partition(".")
+        if not sep or not dot or not key:
+            raise ConfigError(
+                f"override {item!r}: expected section.key=value, e.g. finetune.epochs=2"
+            )
+        if section not in result:
+            raise ConfigError(f"override {item!r}: no section {section!r} in the parameters")
+        if key not in result[section]:
+            raise ConfigError(
+                f"override {item!r}: no key {key!r} in section {section!r}; valid keys are "
+                f"{', '.join(sorted(result[section]))}"
+            )
+        try:
+            result[section][key] = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML") from None
+    return result
+
+
+def stage_config_from_params(stage: str, params: dict[str, Any], where: str = "params") -> Any:
+    """The typed config of ``stage`` from an already-read parameter dict (e.g. after overrides)."""
+    if stage not in STAGE_CONFIGS:
+        raise ConfigError(f"unknown stage {stage!r}; stages are {', '.join(STAGE_CONFIGS)}")
     if stage not in params:
-        raise ConfigError(f"{params_path}: missing section {stage!r}")
-    return config_from_dict(STAGE_CONFIGS[stage], params[stage], f"{params_path}: {stage}")
+        raise ConfigError(f"{where}: missing section {stage!r}")
+    return config_from_dict(STAGE_CONFIGS[stage], params[stage], f"{where}: {stage}")
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

@@ -83,3 +83,25 @@ def test_missing_section_file_and_bad_yaml(tmp_path):
 def test_configs_are_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         DEFAULT_PREPARE.min_count = 3  # type: ignore[misc]
+
+
+def test_overrides_are_parsed_as_yaml_and_checked():
+    from imtext.config import apply_overrides, stage_config_from_params
+
+    params = read_params(REPO / "params.yaml")
+    changed = apply_overrides(
+        params, ["finetune.epochs=2", "evaluate.split=val", "model.word2vec=null"]
+    )
+    assert changed["finetune"]["epochs"] == 2 and params["finetune"]["epochs"] != 2
+    assert stage_config_from_params("evaluate", changed).split == "val"
+    assert changed["model"]["word2vec"] is None
+    for bad, message in [
+        ("finetune.epoch=2", "no key 'epoch' in section 'finetune'"),
+        ("train.epochs=2", "no section 'train'"),
+        ("epochs=2", "expected section.key=value"),
+        ("finetune.epochs", "expected section.key=value"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            apply_overrides(params, [bad])
+    with pytest.raises(ConfigError, match=r"finetune\.epochs: expected an integer"):
+        stage_config_from_params("finetune", apply_overrides(params, ["finetune.epochs=two"]))
