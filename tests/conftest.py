@@ -142,3 +142,43 @@ def karpathy_prepared(karpathy_dir: Path, tmp_path: Path) -> Path:
         log=lambda m: None,
     )
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_prepared(tmp_path_factory) -> Path:
+    """The built-in dataset at 72 images of 32 px (train 48, val 12, test 12), prepared."""
+    from imtext.data.prepare import prepare
+    from imtext.data.shapes import generate_shapes
+
+    root = tmp_path_factory.mktemp("tiny")
+    generate_shapes(root / "shapes", n_images=72, seed=3, size=32)
+    out = root / "prepared"
+    prepare(
+        DEFAULT_PREPARE,
+        root / "shapes" / "dataset.json",
+        root / "shapes" / "images",
+        out,
+        log=lambda message: None,
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_file(tiny_prepared: Path, tmp_path_factory) -> Path:
+    """An untrained ``TINY_MODEL`` for ``tiny_prepared`` saved as a ``model.pt`` (seeded weights):
+    enough for everything downstream of training (evaluate, export, register)."""
+    import torch
+
+    from imtext.config import ModelConfig, config_from_dict
+    from imtext.data.store import PreparedSplit, read_vocabulary
+    from imtext.models.dual_path import build_model
+    from imtext.train.checkpoint import model_record, save_atomic
+
+    cfg = config_from_dict(ModelConfig, dict(TINY_MODEL), "TINY_MODEL")
+    vocab_size = len(read_vocabulary(tiny_prepared))
+    n_classes = int(PreparedSplit.load(tiny_prepared, "train").image_labels.max()) + 1
+    torch.manual_seed(0)
+    model = build_model(cfg, vocab_size, n_classes).eval()
+    path = tmp_path_factory.mktemp("tiny-model") / "model.pt"
+    save_atomic(model_record(model, cfg, vocab_size, n_classes), path)
+    return path
