@@ -233,6 +233,224 @@ def _run_train(args: argparse.Namespace) -> None:
         )
 
 
+def _params_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--params", type=Path, default=Path("params.yaml"), help="(default: %(default)s)"
+    )
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="retrieval metrics and a visual report of a trained model",
+        description=(
+            "Embed every image and caption of a prepared split with a trained model and rank them "
+            "both ways (image -> captions, caption -> images). Writes OUT/metrics.json (R@1/5/10, "
+            "median and mean rank of both directions, rsum), OUT/recall_curve.json and .png, and "
+            "a report for people: OUT/report.html (sample queries with their top results, ground "
+            "truth marked) and OUT/report.png. Settings come from the 'evaluate' section of "
+            "--params (split, protocol: full, coco_1k or cuhk)."
+        ),
+    )
+    p.add_argument("--model", type=Path, required=True, help="model file (finetune's model.pt)")
+    p.add_argument(
+        "--prepared", type=Path, required=True, help="output directory of `imtext prepare`"
+    )
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+    _params_arg(p)
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="auto (CUDA when available), cpu, cuda or cuda:N (default: %(default)s)",
+    )
+    p.set_defaults(func=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> None:
+    from imtext.config import load_stage_config
+    from imtext.eval.evaluate import evaluate, format_recall_table
+
+    cfg = load_stage_config("evaluate", args.params)
+    metrics = evaluate(cfg, args.model, args.prepared, args.out, device=args.device, log=log.info)
+    print(format_recall_table(metrics))
+    log.info("report: %s", args.out / "report.html")
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="ONNX encoders for serving, checked against PyTorch",
+        description=(
+            "Write OUT/image_encoder.onnx (input 'images', float32 [N,3,H,W]) and "
+            "OUT/text_encoder.onnx (input 'tokens', int64 [N,L]), each with output 'embeddings' "
+            "[N,D] (L2-normalised) and a dynamic batch axis, plus OUT/preprocess.json and "
+            "OUT/vocab.json so a client can embed raw images and sentences without imtext. Both "
+            "encoders are run in ONNX Runtime against PyTorch: the largest difference and the "
+            "recall from either embedding go to OUT/parity.json, and the export fails when they "
+            "disagree beyond the 'export' section's tolerances. With export.quantize, INT8 "
+            "encoders are written too and their recall is measured."
+        ),
+    )
+    p.add_argument("--model", type=Path, required=True, help="model file (finetune's model.pt)")
+    p.add_argument(
+        "--prepared", type=Path, required=True, help="output directory of `imtext prepare`"
+    )
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+    _params_arg(p)
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> None:
+    from imtext.config import load_stage_config
+    from imtext.export import export
+
+    cfg = load_stage_config("export", args.params)
+    export(cfg, args.model, args.prepared, args.out, log=log.info)
+
+
+def _tracking_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking URI; overrides register.tracking_uri and $MLFLOW_TRACKING_URI "
+        "(default when all are unset: sqlite:///mlflow.db with artifacts in ./mlartifacts)",
+    )
+
+
+def _add_register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "register",
+        help="log a trained, evaluated and exported model to MLflow as a new model version",
+        description=(
+            "Create an MLflow run with the parameters, the training history, the evaluation "
+            "metrics and report, the PyTorch model file and the ONNX encoders, tagged with the git "
+            "commit, the data hash (data.dvc) and a hash of the parameters; register the ONNX "
+            "encoders as a new version of register.model_name. Nothing on disk is changed, so a "
+            "failed registration (unreachable server) can simply be run again. With --promote, "
+            "the version then goes through the same gate as `imtext promote`."
+        ),
+    )
+    p.add_argument(
+        "--train-dir", type=Path, required=True, help="finetune's output (model.pt, history)"
+    )
+    p.add_argument(
+        "--eval-dir", type=Path, required=True, help="evaluate's output (metrics, report)"
+    )
+    p.add_argument("--export-dir", type=Path, required=True, help="export's output (ONNX encoders)")
+    _params_arg(p)
+    p.add_argument(
+        "--data-dvc",
+        type=Path,
+        default=Path("data.dvc"),
+        help="DVC file of the raw data, for the data-hash tag (default: %(default)s)",
+    )
+    _tracking_arg(p)
+    p.add_argument(
+        "--promote",
+        action="store_true",
+        help="then move the serving alias to the new version if it beats the champion "
+        "(a refusal is reported, not an error)",
+    )
+    p.set_defaults(func=_run_register)
+
+
+def _run_register(args: argparse.Namespace) -> None:
+    from imtext.config import load_stage_config, read_params
+    from imtext.registry import register
+
+    cfg = load_stage_config("register", args.params)
+    version = register(
+        cfg,
+        params=read_params(args.params),
+        train_dir=args.train_dir,
+        eval_dir=args.eval_dir,
+        export_dir=args.export_dir,
+        data_dvc=args.data_dvc if args.data_dvc.exists() else None,
+        tracking_uri=args.tracking_uri,
+        log=log.info,
+    )
+    print(f"registered {version.name} version {version.version} (run {version.run_id})")
+    if args.promote:
+        _report_decision(_promote(cfg, version.version, args.tracking_uri, None), cfg)
+
+
+def _promote(cfg, version, tracking_uri, force_reason):
+    from imtext.registry import promote
+
+    return promote(cfg, version, tracking_uri=tracking_uri, force_reason=force_reason, log=log.info)
+
+
+def _report_decision(decision, cfg) -> None:
+    target = f"models:/{cfg.model_name}@{cfg.alias}"
+    if decision.promoted:
+        print(f"promoted version {decision.version} to {target}: {decision.reason}")
+    else:
+        print(f"not promoted: version {decision.version} stays out of {target}: {decision.reason}")
+
+
+def _add_promote(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "promote",
+        help="move the serving alias to a model version, gated on its evaluation metric",
+        description=(
+            "Move the alias register.alias (champion) of register.model_name to VERSION only if "
+            "its register.gate_metric (rsum) beats the current champion's by more than "
+            "register.gate_min_delta. The evidence (both values, the previous champion, the time) "
+            "is recorded as tags of the version. A refusal exits with status 3. --force REASON "
+            "promotes regardless and records the reason."
+        ),
+    )
+    p.add_argument("--version", required=True, help="model version number to promote")
+    p.add_argument(
+        "--force",
+        metavar="REASON",
+        default=None,
+        help="promote even if the gate refuses; REASON is recorded on the version",
+    )
+    _params_arg(p)
+    _tracking_arg(p)
+    p.set_defaults(func=_run_promote)
+
+
+#: Exit status of `imtext promote` when the gate refuses (1 is for errors).
+REFUSED = 3
+
+
+def _run_promote(args: argparse.Namespace) -> int:
+    from imtext.config import load_stage_config
+
+    cfg = load_stage_config("register", args.params)
+    decision = _promote(cfg, args.version, args.tracking_uri, args.force)
+    _report_decision(decision, cfg)
+    return 0 if decision.promoted else REFUSED
+
+
+def _add_plots(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "plots",
+        help="`dvc plots show` that works offline",
+        description=(
+            "Render the plots of dvc.yaml (training curves, recall curve) to OUT/index.html with "
+            "the Vega libraries inlined, so the page needs no internet access (DVC's own page "
+            "loads them from a CDN)."
+        ),
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("dvc_plots"),
+        help="output directory (default: %(default)s)",
+    )
+    p.add_argument("targets", nargs="*", help="plot files or dvc.yaml plot ids (default: all)")
+    p.set_defaults(func=_run_plots)
+
+
+def _run_plots(args: argparse.Namespace) -> None:
+    from imtext.plots import show_plots
+
+    log.info("plots: %s", show_plots(args.out, args.targets))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="imtext",
@@ -248,6 +466,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prepare(sub)
     _add_train(sub, "pretrain")
     _add_train(sub, "finetune")
+    _add_evaluate(sub)
+    _add_export(sub)
+    _add_register(sub)
+    _add_promote(sub)
+    _add_plots(sub)
     return parser
 
 
@@ -259,7 +482,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     try:
-        args.func(args)
+        status = args.func(args)
     except ImtextError as exc:
         if args.debug:
             raise
@@ -268,7 +491,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("imtext: interrupted; outputs were left as they were", file=sys.stderr)
         return 130
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

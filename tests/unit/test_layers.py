@@ -29,6 +29,11 @@ FORBIDDEN = {
     "imtext.eval.protocols": {"mlflow", "kfp", "imtext.data", "imtext.models", "imtext.train"},
     "imtext.models": {"mlflow", "kfp", "imtext.data", "imtext.losses", "imtext.train"},
     "imtext.train": {"mlflow", "kfp", "imtext.registry", "imtext.export"},
+    "imtext.eval": {"mlflow", "kfp", "imtext.registry", "imtext.export", "imtext.train.loop"},
+    # Export may rebuild a model (checkpoint) and embed splits (features), never train.
+    "imtext.export": {"mlflow", "kfp", "imtext.registry", "imtext.train.loop"},
+    "imtext.export.runtime": {"torch", "torchvision", "imtext.train", "imtext.models"},
+    "imtext.registry": {"kfp", "imtext.train.loop", "imtext.eval.evaluate"},
 }
 
 
