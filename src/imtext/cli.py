@@ -18,11 +18,15 @@ from imtext.errors import ImtextError
 log = logging.getLogger("imtext")
 
 
-def _progress(items: Iterable, total: int, desc: str) -> Iterable:
+def _progress(items: Iterable, total: int, desc: str, unit: str = "img") -> Iterable:
     from tqdm import tqdm
 
     # tqdm hides itself when stderr is not a terminal (CI logs stay readable).
-    return tqdm(items, total=total, desc=desc, unit="img", disable=None, leave=False)
+    return tqdm(items, total=total, desc=desc, unit=unit, disable=None, leave=False)
+
+
+def _step_progress(items: Iterable, total: int, desc: str) -> Iterable:
+    return _progress(items, total, desc, unit="step")
 
 
 def _add_shapes(sub: argparse._SubParsersAction) -> None:
