@@ -14,3 +14,32 @@ __all__ = [
     "paired_ranking_loss",
     "ranking_loss",
 ]
+
+from imtext.losses.adversarial import (
+    GradientReversal,
+    adversarial_lambda,
+    grad_reverse,
+    modality_loss,
+)
+from imtext.losses.contrastive import LogitScale, infonce_loss
+from imtext.losses.neighbourhood import (
+    neighbourhood_loss,
+    pairwise_distance,
+    topk_hinge_mean,
+    topk_ranking_loss,
+)
+from imtext.losses.similarity import similarity_loss
+
+__all__ += [
+    "GradientReversal",
+    "LogitScale",
+    "adversarial_lambda",
+    "grad_reverse",
+    "infonce_loss",
+    "modality_loss",
+    "neighbourhood_loss",
+    "pairwise_distance",
+    "similarity_loss",
+    "topk_hinge_mean",
+    "topk_ranking_loss",
+]
