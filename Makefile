@@ -5,7 +5,7 @@ BIN := $(abspath $(VENV))/bin
 STAMP := $(VENV)/.installed
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install run data test test-fast format clean
+.PHONY: install run data test test-fast format clean image
 
 install: $(STAMP)
 
@@ -41,6 +41,11 @@ test-fast: install
 format: install
 	ruff format src tests bench
 	ruff check --fix src tests bench
+
+# The container image: builds and pushes $IMTEXT_IMAGE (default ghcr.io/imtext/imtext:<version>).
+# Needs docker buildx (or CONTAINER_ENGINE=podman); PUSH=0 builds only.
+image:
+	docker/build-push.sh
 
 clean:
 	rm -rf artifacts .pytest_cache

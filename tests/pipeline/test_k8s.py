@@ -1,0 +1,408 @@
+"""k8s/: every overlay renders with `kubectl kustomize` and holds the cluster conventions.
+
+Offline: built-in objects are validated against the Kubernetes OpenAPI schemas that
+kubernetes-validate bundles (strict: unknown fields are errors); the PyTorchJob (a CRD those schemas
+lack) is checked structurally, its pod templates against the Pod schema.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from tests.conftest import REPO
+
+K8S = REPO / "k8s"
+OVERLAYS = sorted(
+    p.name for p in (K8S / "overlays").iterdir() if (p / "kustomization.yaml").is_file()
+)
+# The oldest Kubernetes minor still in upstream support when this was written: manifests valid
+# against it are valid on every newer one (the schemas are strict, so removed fields fail too).
+K8S_VERSION = "1.32"
+NAMESPACE = "imtext"
+CREDENTIAL_KEY = re.compile(r"PASSWORD|SECRET|TOKEN|PRIVATE")
+PLACEHOLDER = "change-me"
+PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+PROJECT_IMAGE = f"ghcr.io/imtext/imtext:{PROJECT['version']}"  # docker/build-push.sh's default
+PIPELINE_SECRET = "imtext-credentials"
+PIPELINE_SECRET_KEYS = {
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_S3_ENDPOINT_URL",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+}
+CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "PersistentVolume"}
+
+
+def kubectl() -> str:
+    path = shutil.which("kubectl")
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail("kubectl is not on PATH; CI must have it (kubectl kustomize renders k8s/)")
+        pytest.skip("kubectl is not on PATH: cannot render the kustomize overlays")
+    return path
+
+
+def render(overlay: str) -> list[dict]:
+    result = subprocess.run(
+        [kubectl(), "kustomize", str(K8S / "overlays" / overlay)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, f"kubectl kustomize {overlay} failed:\n{result.stderr}"
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+_rendered: dict[str, list[dict]] = {}
+
+
+@pytest.fixture(params=OVERLAYS)
+def objects(request) -> list[dict]:
+    """The rendered objects of one overlay (rendered once per session)."""
+    if request.param not in _rendered:
+        _rendered[request.param] = render(request.param)
+    return _rendered[request.param]
+
+
+def one(objects: list[dict], kind: str, name: str) -> dict:
+    found = [o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name]
+    assert len(found) == 1, f"{kind}/{name}: {len(found)} rendered"
+    return found[0]
+
+
+def pod_specs(obj: dict) -> Iterator[tuple[str, dict]]:
+    """(where, PodSpec) of every pod template an object carries."""
+    spec = obj.get("spec", {})
+    where = f"{obj['kind']}/{obj['metadata']['name']}"
+    if obj["kind"] == "Pod":
+        yield where, spec
+    elif obj["kind"] == "CronJob":
+        yield where, spec["jobTemplate"]["spec"]["template"]["spec"]
+    elif obj["kind"] == "PyTorchJob":
+        for rtype, replica in spec["pytorchReplicaSpecs"].items():
+            yield f"{where}/{rtype}", replica["template"]["spec"]
+    elif "template" in spec:
+        yield where, spec["template"]["spec"]
+
+
+def containers(objects: list[dict]) -> Iterator[tuple[str, dict, dict]]:
+    """(where, PodSpec, container) for every container and init container."""
+    for obj in objects:
+        for where, pod in pod_specs(obj):
+            for c in pod.get("initContainers", []) + pod["containers"]:
+                yield f"{where}/{c['name']}", pod, c
+
+
+def validate_pytorchjob(job: dict) -> None:
+    """The kubeflow.org/v1 PyTorchJob fields the Training Operator reads, checked by hand."""
+    assert job["apiVersion"] == "kubeflow.org/v1" and job["kind"] == "PyTorchJob"
+    assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", job["metadata"]["name"])
+    spec = job["spec"]
+    assert set(spec) <= {"runPolicy", "pytorchReplicaSpecs", "elasticPolicy", "nprocPerNode"}
+    assert set(spec.get("runPolicy", {})) <= {
+        "cleanPodPolicy",
+        "ttlSecondsAfterFinished",
+        "activeDeadlineSeconds",
+        "backoffLimit",
+        "schedulingPolicy",
+        "suspend",
+        "managedBy",
+    }
+    assert spec.get("runPolicy", {}).get("cleanPodPolicy", "None") in {"None", "All", "Running"}
+    replicas = spec["pytorchReplicaSpecs"]
+    assert set(replicas) <= {"Master", "Worker"} and "Master" in replicas
+    assert replicas["Master"]["replicas"] == 1, "exactly one Master (rank 0)"
+    for rtype, replica in replicas.items():
+        assert set(replica) <= {"replicas", "restartPolicy", "template"}, rtype
+        assert isinstance(replica["replicas"], int) and replica["replicas"] >= 1
+        assert replica["restartPolicy"] in {"Always", "OnFailure", "Never", "ExitCode"}
+        template = replica["template"]
+        names = [c["name"] for c in template["spec"]["containers"]]
+        assert "pytorch" in names, f"{rtype}: the operator needs a container named 'pytorch'"
+        # The pod template itself is a PodSpec: validate it with the real schema.
+        pod = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": f"{job['metadata']['name']}-{rtype.lower()}-0"}
+            | {k: v for k, v in template.get("metadata", {}).items() if k != "name"},
+            "spec": template["spec"],
+        }
+        kubernetes_validate.validate(pod, K8S_VERSION, strict=True)
+
+
+def test_overlays_exist():
+    assert {"local", "gpu"} <= set(OVERLAYS)
+    assert (K8S / "base" / "kustomization.yaml").is_file()
+
+
+def test_every_object_validates_offline(objects):
+    assert objects
+    for obj in objects:
+        name = f"{obj['kind']}/{obj['metadata']['name']}"
+        if obj["apiVersion"].split("/")[0].endswith("kubeflow.org"):
+            validate_pytorchjob(obj)
+            continue
+        try:
+            kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as error:
+            path = ".".join(str(p) for p in error.path)
+            pytest.fail(f"{name}: {path}: {error.message}")
+
+
+def test_the_strict_schema_catches_mistakes():
+    """Guards the test above: a misspelt field must fail validation."""
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "x"},
+        "spec": {
+            "selector": {"matchLabels": {"a": "b"}},
+            "template": {
+                "metadata": {"labels": {"a": "b"}},
+                "spec": {"containers": [{"name": "c", "image": "i:1", "resource": {}}]},
+            },
+        },
+    }
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, K8S_VERSION, strict=True)
+
+
+def test_everything_lives_in_the_imtext_namespace(objects):
+    assert one(objects, "Namespace", NAMESPACE)
+    for obj in objects:
+        if obj["kind"] not in CLUSTER_SCOPED:
+            assert obj["metadata"].get("namespace") == NAMESPACE, obj["metadata"]["name"]
+
+
+def test_every_container_has_requests_limits_and_runs_non_root(objects):
+    seen = 0
+    for where, pod, c in containers(objects):
+        seen += 1
+        resources = c.get("resources", {})
+        for kind in ("requests", "limits"):
+            assert {"cpu", "memory"} <= set(resources.get(kind, {})), f"{where}: no {kind}"
+        pod_sc, sc = pod.get("securityContext", {}), c.get("securityContext", {})
+        assert sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")) is True, where
+        uid = sc.get("runAsUser", pod_sc.get("runAsUser"))
+        assert isinstance(uid, int) and uid > 0, f"{where}: runAsUser {uid}"
+        assert sc.get("allowPrivilegeEscalation") is False, where
+        assert not sc.get("privileged", False), where
+        assert "ALL" in sc.get("capabilities", {}).get("drop", []), where
+        seccomp = sc.get("seccompProfile", pod_sc.get("seccompProfile", {}))
+        assert seccomp.get("type") == "RuntimeDefault", where
+    assert seen >= 6  # mlflow, postgres, minio, bucket job, Master, Worker
+
+
+def test_images_are_pinned_and_the_project_image_is_the_built_one(objects):
+    images = {c["image"] for _, _, c in containers(objects)}
+    for image in images:
+        name = image.rsplit("/", 1)[-1]
+        assert ":" in name or "@" in name, f"{image}: no tag"
+        assert not name.endswith(":latest"), f"{image}: 'latest' is not reproducible"
+    assert PROJECT_IMAGE in images
+    mlflow_pin = next(d for d in PROJECT["dependencies"] if d.startswith("mlflow=="))
+    mlflow_version = mlflow_pin.split("==")[1]
+    assert any(
+        re.fullmatch(rf"ghcr\.io/mlflow/mlflow:v{mlflow_version}(-full)?", i) for i in images
+    )
+
+
+def secret_data(secret: dict) -> dict[str, str]:
+    data = {k: base64.b64decode(v).decode() for k, v in secret.get("data", {}).items()}
+    return data | secret.get("stringData", {})
+
+
+def test_secrets_hold_placeholders_only(objects):
+    secrets = [o for o in objects if o["kind"] == "Secret"]
+    assert secrets
+    for secret in secrets:
+        for key, value in secret_data(secret).items():
+            if CREDENTIAL_KEY.search(key):
+                assert value.startswith(PLACEHOLDER), f"{secret['metadata']['name']}.{key}"
+    # Credentials reach containers only by reference, never as literal env values.
+    for where, _, c in containers(objects):
+        for env in c.get("env", []):
+            if CREDENTIAL_KEY.search(env["name"]) or env["name"].startswith("AWS_"):
+                assert "valueFrom" in env, f"{where}: {env['name']} is a literal"
+            userinfo = re.search(r"://([^/@\s]+)@", env.get("value", ""))
+            if userinfo:
+                assert re.fullmatch(r"(\$\(\w+\):?)+", userinfo.group(1)), f"{where}: {env}"
+    rendered = yaml.safe_dump_all(objects)
+    assert not re.search(r"AKIA[0-9A-Z]{16}", rendered)
+    assert "PRIVATE KEY" not in rendered
+
+
+def test_the_pipeline_secret_has_its_fixed_name_and_keys(objects):
+    secret = one(objects, "Secret", PIPELINE_SECRET)  # no hash suffix: KFP mounts it by name
+    data = secret_data(secret)
+    assert set(data) == PIPELINE_SECRET_KEYS
+    assert data["MLFLOW_TRACKING_URI"] == f"http://imtext-mlflow.{NAMESPACE}.svc.cluster.local:5000"
+    assert (
+        data["MLFLOW_S3_ENDPOINT_URL"] == f"http://imtext-minio.{NAMESPACE}.svc.cluster.local:9000"
+    )
+
+
+def test_every_reference_resolves(objects):
+    """Secrets, keys, ConfigMaps and claims named by pods exist in the same rendering."""
+    secrets = {o["metadata"]["name"]: secret_data(o) for o in objects if o["kind"] == "Secret"}
+    configmaps = {o["metadata"]["name"] for o in objects if o["kind"] == "ConfigMap"}
+    claims = {o["metadata"]["name"] for o in objects if o["kind"] == "PersistentVolumeClaim"}
+    for obj in objects:
+        for where, pod in pod_specs(obj):
+            templates = {t["metadata"]["name"] for t in obj["spec"].get("volumeClaimTemplates", [])}
+            for volume in pod.get("volumes", []):
+                if "persistentVolumeClaim" in volume:
+                    assert volume["persistentVolumeClaim"]["claimName"] in claims, where
+                if "configMap" in volume:
+                    assert volume["configMap"]["name"] in configmaps, where
+            for c in pod.get("initContainers", []) + pod["containers"]:
+                for source in c.get("envFrom", []):
+                    assert source["secretRef"]["name"] in secrets, where
+                for env in c.get("env", []):
+                    ref = env.get("valueFrom", {}).get("secretKeyRef")
+                    if ref:
+                        assert ref["key"] in secrets[ref["name"]], f"{where}: {ref}"
+                for mount in c.get("volumeMounts", []):
+                    names = {v["name"] for v in pod.get("volumes", [])} | templates
+                    assert mount["name"] in names, f"{where}: {mount['name']}"
+
+
+def test_mlflow_server_proxies_artifacts_to_s3_with_a_database_backend(objects):
+    deployment = one(objects, "Deployment", "imtext-mlflow")
+    (c,) = deployment["spec"]["template"]["spec"]["containers"]
+    args = c["command"] + c["args"]
+    assert args[:2] == ["mlflow", "server"]
+    assert "--artifacts-destination=s3://mlflow-artifacts" in args
+    assert "--serve-artifacts" in args and "--host=0.0.0.0" in args
+    env = {e["name"]: e for e in c["env"]}
+    uri = env["MLFLOW_BACKEND_STORE_URI"]["value"]  # mlflow server reads it as --backend-store-uri
+    assert uri.startswith("postgresql") and "$(POSTGRES_PASSWORD)" in uri
+    assert env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "imtext-postgres"
+    assert env["MLFLOW_S3_ENDPOINT_URL"]["value"].startswith("http://imtext-minio")
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert c[probe]["httpGet"]["path"] == "/health"
+    service = one(objects, "Service", "imtext-mlflow")
+    assert service["spec"]["ports"][0]["port"] == 5000
+    one(objects, "StatefulSet", "imtext-postgres")
+    one(objects, "Service", "imtext-postgres")
+
+
+def test_object_store_and_its_buckets(objects):
+    one(objects, "Deployment", "imtext-minio")
+    one(objects, "Service", "imtext-minio")
+    one(objects, "PersistentVolumeClaim", "imtext-minio-data")
+    job = one(objects, "Job", "imtext-minio-setup")
+    script = " ".join(job["spec"]["template"]["spec"]["containers"][0]["args"])
+    dvc_url = re.search(r"url = s3://([^/\s]+)", (REPO / ".dvc" / "config").read_text())
+    for bucket in ("mlflow-artifacts", "imtext-data", dvc_url.group(1)):
+        assert bucket in script.split("for bucket in ")[1].split(";")[0], bucket
+
+
+def test_pipeline_runner_may_read_its_secret_and_start_training(objects):
+    one(objects, "ServiceAccount", "imtext-pipeline-runner")
+    role = one(objects, "Role", "imtext-pipeline-runner")
+
+    def allowed(group: str, resource: str, verb: str, name: str | None = None) -> bool:
+        return any(
+            group in rule["apiGroups"]
+            and resource in rule["resources"]
+            and verb in rule["verbs"]
+            and (name is None or name in rule.get("resourceNames", [name]))
+            for rule in role["rules"]
+        )
+
+    assert allowed("", "secrets", "get", PIPELINE_SECRET)
+    assert not allowed("", "secrets", "list")  # only the named secrets
+    assert allowed("", "pods", "create") and allowed("kubeflow.org", "pytorchjobs", "create")
+    binding = one(objects, "RoleBinding", "imtext-pipeline-runner")
+    assert binding["roleRef"]["name"] == "imtext-pipeline-runner"
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "imtext-pipeline-runner", "namespace": NAMESPACE}
+    ]
+
+
+def test_pytorchjob_runs_finetune_under_torchrun_with_real_cli_flags(objects):
+    job = one(objects, "PyTorchJob", "imtext-finetune")
+    help_text = subprocess.run(
+        [sys.executable, "-m", "imtext.cli", "finetune", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    for rtype, replica in job["spec"]["pytorchReplicaSpecs"].items():
+        (c,) = replica["template"]["spec"]["containers"]
+        command = " ".join(c["command"] + c["args"])
+        assert "torchrun" in command and "-m imtext.cli finetune" in command, rtype
+        cli_args = command.split("-m imtext.cli finetune", 1)[1]
+        flags = re.findall(r"(--[a-z][a-z-]*)", cli_args)
+        assert {"--prepared", "--init", "--out", "--params", "--resume"} <= set(flags)
+        for flag in flags:
+            assert flag in help_text, f"{rtype}: `imtext finetune` has no {flag}"
+        for name in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK"):
+            assert f'"${name}"' in command, f"{rtype}: torchrun ignores the operator's {name}"
+        mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+        assert "/workspace" in mounts and "/dev/shm" in mounts
+        assert c["image"] == PROJECT_IMAGE
+
+
+def gpus(container: dict) -> int:
+    return int(container.get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0))
+
+
+def test_only_the_gpu_overlay_puts_training_on_gpus(objects, request):
+    overlay = request.node.callspec.params["objects"]
+    job = one(objects, "PyTorchJob", "imtext-finetune")
+    training = {id(c) for _, _, c in containers([job])}
+    for where, _, c in containers(objects):
+        if id(c) not in training:
+            assert gpus(c) == 0, f"{where}: only training needs a GPU"
+    for rtype, replica in job["spec"]["pytorchReplicaSpecs"].items():
+        pod = replica["template"]["spec"]
+        (c,) = pod["containers"]
+        if overlay != "gpu":
+            assert gpus(c) == 0, f"{overlay}: {rtype} asks for a GPU"
+            continue
+        assert gpus(c) >= 1, f"{rtype}: no nvidia.com/gpu limit"
+        requested = c["resources"]["requests"].get("nvidia.com/gpu", gpus(c))
+        assert int(requested) == gpus(c)  # extended resources: requests == limits
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        assert env["NPROC_PER_NODE"] == str(gpus(c)), "one training process per GPU"
+        assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod[
+            "tolerations"
+        ]
+
+
+def test_k8s_tree_holds_no_real_credentials():
+    """Source files too (an overlay a user adds by hand must keep its env files out of git)."""
+    for path in K8S.rglob("*"):
+        if path.is_file():
+            assert path.suffix != ".env", f"{path}: keep env files out of git (.env.example only)"
+            text = path.read_text()
+            assert not re.search(r"AKIA[0-9A-Z]{16}", text), path
+            for key, value in re.findall(r"(\w*(?:PASSWORD|SECRET)\w*)=(\S+)", text):
+                # a placeholder, a shell variable or an elision in the README
+                assert value.startswith((PLACEHOLDER, "$", "<", "...")), f"{path}: {key}"
+
+
+def test_base_renders_on_its_own():
+    result = subprocess.run(
+        [kubectl(), "kustomize", str(K8S / "base")], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    kinds = {doc["kind"] for doc in yaml.safe_load_all(result.stdout) if doc}
+    assert "PyTorchJob" not in kinds  # training is a component the overlays opt into
+    assert Path(K8S / "training" / "kustomization.yaml").is_file()
