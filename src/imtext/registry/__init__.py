@@ -1,0 +1,32 @@
+"""Everything MLflow: the run of a candidate, its registered version, and the gated serving alias.
+
+* :func:`register` logs params, metrics, history, report, ``model.pt`` and the ONNX encoders (as a
+  pyfunc) to one run and registers a new version of the model;
+* :func:`promote` moves the alias (``champion``) to a version only if it beats the champion on the
+  gate metric, and records why on the version; :func:`preview_promotion` says what it would do;
+* :func:`load_champion` loads ``models:/<name>@champion`` as a pyfunc that embeds texts and images.
+
+Every request to the tracking server or object store is retried (``register.retries``) and ends,
+when the server stays away, in a :class:`RegistryUnavailableError` that says what to do.
+"""
+
+from imtext.registry.promotion import (
+    PromotionDecision,
+    load_champion,
+    preview_promotion,
+    promote,
+)
+from imtext.registry.retry import RegistryError, RegistryUnavailableError
+from imtext.registry.tracking import RegisteredVersion, register, resolve_tracking_uri
+
+__all__ = [
+    "PromotionDecision",
+    "RegisteredVersion",
+    "RegistryError",
+    "RegistryUnavailableError",
+    "load_champion",
+    "preview_promotion",
+    "promote",
+    "register",
+    "resolve_tracking_uri",
+]

@@ -1,0 +1,321 @@
+"""The serving alias: ``promote`` moves it behind a metric gate, ``load_champion`` loads what it names.
+
+A candidate version takes the alias (``champion``) only when its gate metric (evaluate's ``rsum``
+by default, higher is better) beats the current champion's by more than ``gate_min_delta``; the
+first version of a model always does. Every decision, refusals included, is written on the candidate
+version as ``promotion.*`` tags, so the registry itself shows why each version is or is not serving.
+A person can override a refusal with a written reason (``force_reason``), which is recorded too.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from imtext.config import RegisterConfig
+from imtext.errors import ConfigError, ImtextError
+from imtext.registry.retry import RegistryError, Server, bounded_http_retries, no_log
+from imtext.registry.tracking import connect, resolve_tracking_uri
+
+#: MLflow's limit on a model-version tag value is larger; a reason longer than this is an essay.
+MAX_REASON_CHARS = 2000
+
+
+@dataclass(frozen=True)
+class PromotionDecision:
+    """What ``promote`` decided, and the evidence it decided on."""
+
+    promoted: bool
+    version: str
+    #: The version that held the alias before (``None`` when there was none).
+    previous_champion: str | None
+    candidate_metric: float | None
+    champion_metric: float | None
+    reason: str
+
+
+def promote(
+    cfg: RegisterConfig,
+    version: str | int,
+    *,
+    tracking_uri: str | None = None,
+    force_reason: str | None = None,
+    log: Callable[[str], None] = no_log,
+) -> PromotionDecision:
+    """Point alias ``cfg.alias`` of ``cfg.model_name`` at ``version`` if it passes the gate.
+
+    Passing means: no version holds the alias yet, or ``version``'s ``cfg.gate_metric`` exceeds
+    the champion's by more than ``cfg.gate_min_delta``. A refusal is a normal outcome
+    (``promoted=False`` with a reason naming both values), not an error. ``force_reason`` promotes
+    regardless and is recorded; an empty one is a :class:`ConfigError`. A version (candidate or
+    champion) without the gate metric is an :class:`ImtextError`, unless forced.
+    """
+    if force_reason is not None and not force_reason.strip():
+        raise ConfigError("promote: forcing a promotion needs a reason; pass a non-empty reason")
+    version = str(version)
+    forced = force_reason is not None
+    server = connect(resolve_tracking_uri(cfg, tracking_uri), cfg, log)
+    with bounded_http_retries():
+        decision = judge(server, cfg, version, forced=forced)
+        if decision.previous_champion == version:
+            log(f"{cfg.model_name} version {version}: {decision.reason}")
+            return decision
+        if forced:
+            decision = force(decision, force_reason.strip())
+        record_decision(server, cfg, decision, force_reason)
+        if decision.promoted:
+            server.call(
+                f"point alias {cfg.alias!r} at version {version}",
+                server.client.set_registered_model_alias,
+                cfg.model_name,
+                cfg.alias,
+                version,
+            )
+    log(f"{cfg.model_name} version {version}: {decision.reason}")
+    return decision
+
+
+def preview_promotion(
+    cfg: RegisterConfig,
+    version: str | int,
+    *,
+    tracking_uri: str | None = None,
+    log: Callable[[str], None] = no_log,
+) -> PromotionDecision:
+    """What :func:`promote` would decide for ``version`` against the champion of this moment,
+    with nothing recorded or moved (a pipeline uses it to skip its promote step)."""
+    server = connect(resolve_tracking_uri(cfg, tracking_uri), cfg, log)
+    with bounded_http_retries():
+        return judge(server, cfg, str(version), forced=False)
+
+
+def judge(server: Server, cfg: RegisterConfig, version: str, *, forced: bool) -> PromotionDecision:
+    """The gate's decision for ``version``, read from the registry; writes nothing.
+
+    A version that already holds the alias comes back promoted, with itself as the previous
+    champion. ``forced`` tolerates versions without the gate metric (their value is ``None``).
+    """
+    candidate = model_version(server, cfg.model_name, version)
+    champion = champion_version(server, cfg.model_name, cfg.alias)
+    candidate_metric = gate_metric(server, candidate, cfg.gate_metric, required=not forced)
+    if champion is not None and str(champion.version) == version:
+        reason = f"version {version} already holds alias {cfg.alias!r}; nothing to do"
+        return PromotionDecision(True, version, version, candidate_metric, candidate_metric, reason)
+    champion_metric = (
+        gate_metric(server, champion, cfg.gate_metric, required=not forced)
+        if champion is not None
+        else None
+    )
+    previous = str(champion.version) if champion is not None else None
+    return decide(cfg, version, previous, candidate_metric, champion_metric)
+
+
+def decide(
+    cfg: RegisterConfig,
+    version: str,
+    champion: str | None,
+    candidate_metric: float | None,
+    champion_metric: float | None,
+) -> PromotionDecision:
+    """The gate itself: promote when there is no champion, or the candidate is better by more than
+    ``gate_min_delta``. NaN never passes (every comparison with it is false)."""
+    metric = cfg.gate_metric
+    if champion is None:
+        reason = (
+            f"no version holds alias {cfg.alias!r} yet; version {version} "
+            f"({metric} {_fmt(candidate_metric)}) becomes the first"
+        )
+        return PromotionDecision(True, version, None, candidate_metric, None, reason)
+    if candidate_metric is None or champion_metric is None:
+        # Only reachable when forced: the caller replaces the decision.
+        reason = f"{metric} missing on version {version} or on champion version {champion}"
+        return PromotionDecision(
+            False, version, champion, candidate_metric, champion_metric, reason
+        )
+    delta = candidate_metric - champion_metric
+    if delta > cfg.gate_min_delta:
+        reason = (
+            f"{metric} {_fmt(candidate_metric)} of version {version} beats "
+            f"{_fmt(champion_metric)} of champion version {champion} by {_fmt(delta)} "
+            f"(more than the minimum {cfg.gate_min_delta:g})"
+        )
+        return PromotionDecision(True, version, champion, candidate_metric, champion_metric, reason)
+    reason = (
+        f"{metric} {_fmt(candidate_metric)} of version {version} does not beat "
+        f"{_fmt(champion_metric)} of champion version {champion} by more than "
+        f"{cfg.gate_min_delta:g} (difference {_fmt(delta)}); alias {cfg.alias!r} stays on "
+        f"version {champion}"
+    )
+    return PromotionDecision(False, version, champion, candidate_metric, champion_metric, reason)
+
+
+def force(decision: PromotionDecision, reason: str) -> PromotionDecision:
+    """``decision`` overridden to a promotion, keeping the gate's verdict in the reason."""
+    return PromotionDecision(
+        True,
+        decision.version,
+        decision.previous_champion,
+        decision.candidate_metric,
+        decision.champion_metric,
+        f"forced ({reason}); the gate said: {decision.reason}",
+    )
+
+
+def record_decision(
+    server: Server, cfg: RegisterConfig, decision: PromotionDecision, force_reason: str | None
+) -> None:
+    """The evidence, as tags on the candidate version (one request per tag: MLflow has no batch)."""
+    metric = cfg.gate_metric
+    if force_reason is not None:
+        verdict = "forced"
+    else:
+        verdict = "promoted" if decision.promoted else "refused"
+    tags = {
+        "promotion.decision": verdict,
+        "promotion.alias": cfg.alias,
+        "promotion.previous_champion": decision.previous_champion or "none",
+        f"promotion.candidate_{metric}": _tag_number(decision.candidate_metric),
+        f"promotion.champion_{metric}": _tag_number(decision.champion_metric),
+        "promotion.min_delta": repr(cfg.gate_min_delta),
+        "promotion.time": datetime.now(UTC).isoformat(timespec="seconds"),
+        "promotion.reason": decision.reason[:MAX_REASON_CHARS],
+    }
+    if force_reason is not None:
+        tags["promotion.forced_reason"] = force_reason.strip()[:MAX_REASON_CHARS]
+    for key, value in tags.items():
+        server.call(
+            f"tag version {decision.version} with {key}",
+            server.client.set_model_version_tag,
+            cfg.model_name,
+            decision.version,
+            key,
+            value,
+        )
+
+
+def model_version(server: Server, name: str, version: str) -> Any:
+    found = server.call(
+        f"look up version {version} of {name!r}",
+        server.client.get_model_version,
+        name,
+        version,
+        missing_ok=True,
+    )
+    if found is None:
+        raise RegistryError(
+            f"model {name!r} has no version {version} at {server.uri}; list the versions in the "
+            "MLflow UI or register one with `imtext register`"
+        )
+    return found
+
+
+def champion_version(server: Server, name: str, alias: str) -> Any | None:
+    """The version holding ``alias``, or ``None`` when no version does."""
+    model = server.call(
+        f"look up registered model {name!r}",
+        server.client.get_registered_model,
+        name,
+        missing_ok=True,
+    )
+    if model is None:
+        raise RegistryError(
+            f"no registered model {name!r} at {server.uri}; register a version with "
+            "`imtext register` first"
+        )
+    aliases = getattr(model, "aliases", None) or {}
+    if alias not in aliases:
+        return None
+    return model_version(server, name, str(aliases[alias]))
+
+
+def gate_metric(server: Server, version: Any, metric: str, *, required: bool) -> float | None:
+    """``metric`` as logged on the run that produced ``version`` (``None`` if absent and not
+    ``required``)."""
+    run = None
+    if version.run_id:
+        run = server.call(
+            f"read the run of version {version.version}",
+            server.client.get_run,
+            version.run_id,
+            missing_ok=True,
+        )
+    value = run.data.metrics.get(metric) if run is not None else None
+    if value is None and required:
+        source = f"its run {version.run_id}" if version.run_id else "it has no run"
+        raise ImtextError(
+            f"version {version.version} of {version.name!r} has no metric {metric!r} ({source}); "
+            "register it from an evaluate output that has it, set register.gate_metric to a "
+            "metric both versions have, or force the promotion with a reason"
+        )
+    return value
+
+
+def load_champion(
+    model_name: str,
+    alias: str = "champion",
+    tracking_uri: str | None = None,
+    *,
+    cfg: RegisterConfig | None = None,
+    dst_path: Path | None = None,
+) -> Any:
+    """The pyfunc model that ``models:/<model_name>@<alias>`` names, ready to ``predict``.
+
+    ``cfg`` supplies the retry policy and the default tracking URI (defaults: 4 attempts from 1 s);
+    the model's files are downloaded to ``dst_path`` (a new temporary directory by default).
+    See :mod:`imtext.registry.pyfunc` for the input and output of ``predict``.
+    """
+    import mlflow.artifacts
+    import mlflow.pyfunc
+
+    cfg = cfg or _default_cfg(model_name, alias)
+    uri = resolve_tracking_uri(cfg, tracking_uri)
+    server = connect(uri, cfg, no_log)
+    with bounded_http_retries():
+        champion = champion_version(server, model_name, alias)
+        if champion is None:
+            raise RegistryError(
+                f"no version of {model_name!r} holds alias {alias!r} at {uri}; promote one with "
+                "`imtext promote`"
+            )
+        # The version's own artifact URI (mlflow-artifacts:/, s3://, file:), resolved here
+        # because MLflow's download of a models:/ URI ignores an explicit registry URI.
+        source = server.call(
+            f"locate version {champion.version} of {model_name!r}",
+            server.client.get_model_version_download_uri,
+            model_name,
+            str(champion.version),
+        )
+        target = Path(dst_path or tempfile.mkdtemp(prefix="imtext-champion-"))
+        local = server.call(
+            f"download version {champion.version} of {model_name!r}",
+            mlflow.artifacts.download_artifacts,
+            artifact_uri=source,
+            dst_path=str(target),
+            tracking_uri=uri,
+        )
+    return mlflow.pyfunc.load_model(local)
+
+
+def _default_cfg(model_name: str, alias: str) -> RegisterConfig:
+    return RegisterConfig(
+        tracking_uri=None,
+        experiment="imtext",
+        model_name=model_name,
+        alias=alias,
+        gate_metric="rsum",
+        gate_min_delta=0.0,
+        retries=4,
+        retry_backoff_s=1.0,
+    )
+
+
+def _fmt(value: float | None) -> str:
+    return "none" if value is None else f"{value:.6g}"
+
+
+def _tag_number(value: float | None) -> str:
+    return "none" if value is None else repr(value)

@@ -1,0 +1,200 @@
+"""The registered model: the ONNX encoders of ``export`` as an MLflow pyfunc.
+
+Serving loads ``models:/<model_name>@champion`` and calls ``predict`` on a table with **one** of two
+columns:
+
+* ``text``: captions (str) -> their text embeddings;
+* ``image``: encoded PNG or JPEG files (bytes; base64 text also accepted, as JSON carries it)
+  -> their image embeddings.
+
+``predict`` returns a float32 array of shape ``[rows, embed_dim]`` whose rows are L2-normalised (as
+``imtext.export.runtime`` returns them), so image-text similarity is a dot product. A table with both
+columns or neither is rejected: one request embeds one modality.
+
+The model holds the whole export directory (encoders, ``preprocess.json``, ``vocab.json``,
+``parity.json``) as its artifact ``export``; at load time ``imtext.export.runtime.OnnxEncoders``
+(onnxruntime, no torch) runs it. The imtext source is packed into the model (``code/imtext``) so a
+serving environment built from the model's requirements alone can import it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import importlib.metadata
+import io
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.models import Model, ModelSignature
+from mlflow.types import ColSpec, Schema, TensorSpec
+
+#: Name of the model's artifact holding the export directory.
+EXPORT_ARTIFACT = "export"
+TEXT_COLUMN = "text"
+IMAGE_COLUMN = "image"
+
+SIGNATURE = ModelSignature(
+    inputs=Schema(
+        [
+            ColSpec("string", TEXT_COLUMN, required=False),
+            ColSpec("binary", IMAGE_COLUMN, required=False),
+        ]
+    ),
+    outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1))]),
+)
+
+#: Distributions the model needs at serving time (pinned to what is installed when it is logged).
+SERVING_DISTRIBUTIONS = ("mlflow", "onnxruntime", "numpy", "pillow", "pandas", "pyyaml")
+
+
+class ImtextEncoders(mlflow.pyfunc.PythonModel):
+    """Text and image embeddings from imtext's ONNX encoders; see the module docstring."""
+
+    def load_context(self, context: Any) -> None:
+        # Imported here, not at module level: the runtime needs onnxruntime, which logging a model
+        # does not, and it is the torch-free half of imtext.export.
+        from imtext.export.runtime import OnnxEncoders
+
+        self.encoders = OnnxEncoders.load(Path(context.artifacts[EXPORT_ARTIFACT]))
+
+    # The DataFrame hint is one MLflow infers no schema from, so SIGNATURE alone checks the input.
+    def predict(
+        self, context: Any, model_input: pd.DataFrame, params: dict | None = None
+    ) -> np.ndarray:
+        from imtext.export.runtime import InputError
+
+        table = as_table(model_input)
+        column = query_column(table)
+        try:
+            if column == TEXT_COLUMN:
+                embeddings = self.encoders.embed_texts([str(text) for text in table[TEXT_COLUMN]])
+            else:
+                embeddings = self.encoders.embed_images(
+                    [decode_image(data, row) for row, data in enumerate(table[IMAGE_COLUMN])]
+                )
+        except InputError as exc:
+            # A bad request (e.g. a caption without words) is the caller's to fix: a 400, not a 500.
+            raise MlflowException.invalid_parameter_value(str(exc)) from None
+        return np.asarray(embeddings, dtype=np.float32)
+
+
+def as_table(model_input: Any) -> pd.DataFrame:
+    """``model_input`` as a pandas DataFrame: a DataFrame, a dict of columns or a list of rows."""
+    if isinstance(model_input, pd.DataFrame):
+        return model_input
+    try:
+        return pd.DataFrame(model_input)
+    except (ValueError, TypeError) as exc:
+        raise MlflowException.invalid_parameter_value(
+            f"expected a table with a 'text' or an 'image' column, got {type(model_input).__name__}"
+            f" ({exc})"
+        ) from None
+
+
+def query_column(table: pd.DataFrame) -> str:
+    """The one column the request embeds: ``text`` or ``image``."""
+    present = [
+        column
+        for column in (TEXT_COLUMN, IMAGE_COLUMN)
+        if column in table.columns and table[column].notna().any()
+    ]
+    if len(present) != 1:
+        raise MlflowException.invalid_parameter_value(
+            "expected exactly one of the columns 'text' (captions) and 'image' (PNG/JPEG bytes), "
+            f"got columns {list(table.columns)}; send texts and images in separate requests"
+        )
+    if table[present[0]].isna().any():
+        raise MlflowException.invalid_parameter_value(f"column {present[0]!r} has empty rows")
+    return present[0]
+
+
+def decode_image(data: Any, row: int) -> Any:
+    """An RGB PIL image from encoded bytes (or their base64 text)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(data, str):
+        try:
+            data = base64.b64decode(data, validate=True)
+        except binascii.Error:
+            raise MlflowException.invalid_parameter_value(
+                f"image row {row}: text that is not base64; send the encoded file's bytes"
+            ) from None
+    try:
+        with Image.open(io.BytesIO(bytes(data))) as image:
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError, TypeError) as exc:
+        raise MlflowException.invalid_parameter_value(
+            f"image row {row}: not a PNG or JPEG file ({exc})"
+        ) from None
+
+
+def serving_requirements() -> list[str]:
+    """Pinned pip requirements of the serving environment (the versions installed here)."""
+    pins = []
+    for name in SERVING_DISTRIBUTIONS:
+        version = _installed_version(name)
+        if version is not None:
+            pins.append(f"{name}=={version}")
+    if _installed_version("onnxruntime") is None and _installed_version("onnxruntime-gpu"):
+        # GPU images install onnxruntime-gpu instead; it provides the same module.
+        pins.append(f"onnxruntime-gpu=={_installed_version('onnxruntime-gpu')}")
+    return pins
+
+
+def _installed_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def imtext_source_dir() -> Path:
+    """The installed ``imtext`` package directory (packed into the model as code)."""
+    import imtext
+
+    return Path(imtext.__file__).resolve().parent
+
+
+#: The model file MLflow runs to build the model at load time ("models from code"): the model is
+#: this import, not a pickle, so loading it executes no serialized bytes.
+MODEL_CODE = """\
+import mlflow.models
+
+from imtext.registry.pyfunc import ImtextEncoders
+
+mlflow.models.set_model(ImtextEncoders())
+"""
+
+
+def save_encoders_model(export_dir: Path, path: Path, mlflow_model: Model) -> None:
+    """Write the pyfunc model of ``export_dir`` to the new directory ``path``.
+
+    ``mlflow_model`` carries the ids MLflow records in ``MLmodel`` (run, logged model).
+    """
+    with tempfile.TemporaryDirectory(prefix="imtext-code-") as tmp:
+        code = Path(tmp) / "imtext"
+        # Bytecode caches are machine-specific noise in a model's artifacts.
+        shutil.copytree(imtext_source_dir(), code, ignore=shutil.ignore_patterns("__pycache__"))
+        model_file = Path(tmp) / "imtext_encoders.py"
+        model_file.write_text(MODEL_CODE, encoding="utf-8")
+        with warnings.catch_warnings():
+            # An input example would make MLflow run the encoders while logging; SIGNATURE states
+            # the input instead, so its advice to add one is noise here.
+            warnings.filterwarnings("ignore", message=".*input example was not provided")
+            mlflow.pyfunc.save_model(
+                path=str(path),
+                python_model=str(model_file),
+                artifacts={EXPORT_ARTIFACT: str(export_dir)},
+                code_paths=[str(code)],
+                signature=SIGNATURE,
+                pip_requirements=serving_requirements(),
+                mlflow_model=mlflow_model,
+            )

@@ -1,0 +1,200 @@
+"""The export stage end to end on the tiny model: files, parity, recall, dynamic batch, INT8, and a
+failed check that stops the stage."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from imtext.config import ExportConfig
+from imtext.data.datasets import eval_transform
+from imtext.data.store import PreparedSplit, read_vocabulary
+from imtext.errors import ConfigError, ImtextError
+from imtext.export import exporter
+from imtext.export.exporter import TextEncoder, export, export_onnx
+from imtext.export.runtime import InputError, OnnxEncoders
+from imtext.train.checkpoint import load_model
+
+CFG = ExportConfig(
+    opset=18, parity_tolerance=1e-4, recall_split="test", recall_tolerance=0.5, quantize=True
+)
+ONNX_FILES = {
+    "image_encoder.onnx",
+    "text_encoder.onnx",
+    "image_encoder.int8.onnx",
+    "text_encoder.int8.onnx",
+}
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_model_file: Path, tiny_prepared: Path, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("export") / "export"
+    messages: list[str] = []
+    metrics = export(CFG, tiny_model_file, tiny_prepared, out, log=messages.append)
+    assert messages[-1] == "export: passed"
+    return out, metrics
+
+
+@pytest.fixture(scope="module")
+def test_split(tiny_prepared: Path) -> PreparedSplit:
+    return PreparedSplit.load(tiny_prepared, "test")
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_file: Path):
+    return load_model(tiny_model_file)[0]
+
+
+def test_writes_the_encoders_and_what_a_client_needs(exported, tiny_prepared):
+    out, _ = exported
+    names = {path.name for path in out.iterdir()}
+    assert names == ONNX_FILES | {"preprocess.json", "vocab.json", "parity.json", "metrics.json"}
+    assert read_vocabulary(out) == read_vocabulary(tiny_prepared)
+    spec = json.loads((out / "preprocess.json").read_text())
+    assert spec["image"]["size"] == 32 and spec["embed_dim"] == 16
+    assert spec["text"]["max_len"] == PreparedSplit.load(tiny_prepared, "test").tokens.shape[1]
+    for name in ONNX_FILES:
+        # Weights inside the file: nothing else to ship, and the checker accepts it.
+        model = onnx.load(str(out / name), load_external_data=False)
+        onnx.checker.check_model(model)
+        assert not any(
+            t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer
+        )
+    image = onnx.load(str(out / "image_encoder.onnx"))
+    assert {e.domain: e.version for e in image.opset_import}[""] == 18
+    assert {p.key: p.value for p in image.metadata_props}["imtext.encoder"] == "image"
+
+
+def test_parity_and_recall_are_recorded_and_within_tolerance(exported):
+    out, metrics = exported
+    report = json.loads((out / "parity.json").read_text())
+    assert report["passed"] is True and report["failures"] == []
+    assert report["provider"] == "CPUExecutionProvider"
+    assert (report["n_images"], report["n_captions"]) == (12, 60)
+    for encoder in ("image", "text"):
+        section = report["parity"][encoder]
+        assert set(section["by_batch_size"]) == {"1", "12" if encoder == "image" else "32"}
+        assert section["max_abs_diff"] <= CFG.parity_tolerance
+    assert metrics["parity_max_abs_diff_image"] <= CFG.parity_tolerance
+    assert metrics["onnx_rsum"] == metrics["torch_rsum"]
+    assert report["recall"]["onnx"] == report["recall"]["torch"]
+    # 32 px images at a 32 px crop: the runtime's preprocessing is exact and its tokens too.
+    assert metrics["client_rsum"] == metrics["torch_rsum"]
+    assert metrics["token_mismatches"] == 0
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+
+
+@pytest.mark.parametrize("batch", [1, 7])
+def test_the_batch_axis_is_dynamic(exported, test_split, model, batch):
+    out, _ = exported
+    transform = eval_transform(32)
+    images = torch.stack([transform(test_split.image(i)) for i in range(batch)])
+    tokens = torch.from_numpy(test_split.tokens[:batch].astype(np.int64))
+    for name, inputs, encode in (
+        ("image_encoder.onnx", images, model.encode_image),
+        ("text_encoder.onnx", tokens, model.encode_text),
+    ):
+        session = ort.InferenceSession(str(out / name), providers=["CPUExecutionProvider"])
+        assert session.get_inputs()[0].shape[0] == "batch"
+        (actual,) = session.run(None, {session.get_inputs()[0].name: inputs.numpy()})
+        with torch.inference_mode():
+            expected = encode(inputs).numpy()
+        assert actual.shape == (batch, 16)
+        np.testing.assert_allclose(actual, expected, atol=CFG.parity_tolerance)
+
+
+def test_the_runtime_embeds_raw_images_and_sentences_like_pytorch(exported, test_split, model):
+    encoders = OnnxEncoders.load(exported[0], threads=1)
+    images = [test_split.image(i) for i in range(test_split.n_images)]
+    captions = [str(c) for c in test_split.captions[:9]]
+    with torch.inference_mode():
+        transform = eval_transform(32)
+        expected_images = model.encode_image(torch.stack([transform(i) for i in images])).numpy()
+        tokens = torch.from_numpy(test_split.tokens[:9].astype(np.int64))
+        expected_texts = model.encode_text(tokens).numpy()
+    np.testing.assert_allclose(encoders.embed_images(images), expected_images, atol=1e-4)
+    np.testing.assert_allclose(encoders.embed_texts(captions), expected_texts, atol=1e-4)
+    assert encoders.embed_texts([]).shape == (0, 16)
+    with pytest.raises(InputError, match="text 1: no words"):
+        encoders.embed_texts(["a red circle", "?!"])
+
+
+def test_int8_encoders_give_finite_normalised_embeddings(exported, test_split):
+    out, metrics = exported
+    encoders = OnnxEncoders.load(out, int8=True, threads=1)
+    assert encoders.providers == ["CPUExecutionProvider"]
+    images = encoders.embed_images([test_split.image(i) for i in range(5)])
+    texts = encoders.embed_texts([str(c) for c in test_split.captions[:5]])
+    for embeddings in (images, texts):
+        assert embeddings.shape == (5, 16) and np.isfinite(embeddings).all()
+        np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-5)
+    assert np.isfinite(metrics["int8_rsum"]) and metrics["int8_max_abs_diff_image"] < 0.5
+
+
+def test_a_failed_parity_check_stops_the_export_and_keeps_only_the_evidence(
+    tiny_model_file, tiny_prepared, tmp_path, monkeypatch
+):
+    real_runner = exporter.torch_runner
+
+    def perturbed_runner(encode):
+        run = real_runner(encode)
+        return lambda batch: run(batch) + np.float32(1e-3)  # a PyTorch that the ONNX file is not
+
+    monkeypatch.setattr(exporter, "torch_runner", perturbed_runner)
+    out = tmp_path / "export"
+    cfg = ExportConfig(18, 1e-4, "test", 0.5, quantize=False)
+    with pytest.raises(ImtextError, match=r"image encoder: max \|ONNX Runtime - PyTorch\| 0\.001"):
+        export(cfg, tiny_model_file, tiny_prepared, out)
+    assert [path.name for path in out.iterdir()] == ["parity.json"]
+    report = json.loads((out / "parity.json").read_text())
+    assert report["passed"] is False
+    assert len(report["failures"]) == 2  # both encoders
+    assert "export.parity_tolerance 0.0001" in report["failures"][0]
+    with pytest.raises(InputError, match="failed its checks"):
+        OnnxEncoders.load(out)
+
+
+def test_a_recall_disagreement_stops_the_export(
+    tiny_model_file, tiny_prepared, tmp_path, monkeypatch
+):
+    real_runner = exporter.torch_runner
+
+    def shuffled_runner(encode):
+        run = real_runner(encode)
+        # Same vectors, other rows: every embedding still unit length, recall changes.
+        return lambda batch: run(batch)[::-1].copy()
+
+    monkeypatch.setattr(exporter, "torch_runner", shuffled_runner)
+    cfg = ExportConfig(18, parity_tolerance=10.0, recall_split="test", recall_tolerance=0.0,
+                       quantize=False)  # fmt: skip
+    with pytest.raises(ImtextError, match="recall: rsum from ONNX embeddings .* differs by"):
+        export(cfg, tiny_model_file, tiny_prepared, tmp_path / "export")
+
+
+def test_an_opset_the_exporter_cannot_write_is_a_config_error(model, tmp_path):
+    with pytest.raises(
+        ConfigError, match="export.opset: 17 is below 18.* set export.opset to 18 or higher"
+    ):
+        export_onnx(TextEncoder(model), torch.zeros(2, 8, dtype=torch.int64), 17, tmp_path / "t")
+    assert not (tmp_path / "t").exists()
+
+
+def test_a_model_without_embeddings_is_refused_before_anything_is_written(tiny_prepared, tmp_path):
+    from imtext.config import ModelConfig
+    from imtext.models.dual_path import build_model
+    from imtext.train.checkpoint import model_record, save_atomic
+    from tests.conftest import TINY_MODEL
+
+    cfg = ModelConfig(**{**TINY_MODEL, "method": "similarity"})
+    vocab_size = len(read_vocabulary(tiny_prepared))
+    path = tmp_path / "model.pt"
+    save_atomic(model_record(build_model(cfg, vocab_size, 48), cfg, vocab_size, 48), path)
+    with pytest.raises(ImtextError, match="no embedding"):
+        export(CFG, path, tiny_prepared, tmp_path / "export")
+    assert not (tmp_path / "export").exists()
