@@ -5,7 +5,7 @@ BIN := $(abspath $(VENV))/bin
 STAMP := $(VENV)/.installed
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install run data test test-fast format clean image
+.PHONY: install run repro data test test-fast format clean image
 
 install: $(STAMP)
 
@@ -26,21 +26,26 @@ data: install
 		imtext data shapes --out data/shapes; \
 	fi
 
+# The whole Kubeflow pipeline on KFP's local runner: prepare -> pretrain -> finetune -> evaluate ->
+# export -> register -> (gate) promote, MLflow in ./mlflow.db. `make repro` runs the DVC stages.
 run: data
+	imtext pipeline run --data data/shapes --out artifacts/kfp
+
+repro: data
 	dvc repro
 	dvc status
 
 test: install
-	ruff check src tests bench
-	ruff format --check src tests bench
+	ruff check src tests bench components pipelines
+	ruff format --check src tests bench components pipelines
 	pytest
 
 test-fast: install
 	pytest -m "not slow"
 
 format: install
-	ruff format src tests bench
-	ruff check --fix src tests bench
+	ruff format src tests bench components pipelines
+	ruff check --fix src tests bench components pipelines
 
 # The container image: builds and pushes $IMTEXT_IMAGE (default ghcr.io/imtext/imtext:<version>).
 # Needs docker buildx (or CONTAINER_ENGINE=podman); PUSH=0 builds only.

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from imtext import __version__
 from imtext.errors import ImtextError
+from imtext.orchestrate import add_pipeline_parser
 
 log = logging.getLogger("imtext")
 
@@ -455,6 +456,82 @@ def _run_plots(args: argparse.Namespace) -> None:
     log.info("plots: %s", show_plots(args.out, args.targets))
 
 
+def _add_ablate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "ablate",
+        help="train and evaluate a list of configurations over seeds; write one table",
+        description=(
+            "For every configuration of --configs (a name, its stages and params overrides) and "
+            "every seed: train its stages (pretrain and/or finetune) on --prepared and evaluate "
+            "the result on the 'evaluate' section's split, into OUT/runs/NAME/seedK/. Then write "
+            "ablation.md and ablation.csv (R@1/5/10 both ways and rsum, mean and std over the "
+            "seeds; the CSV also per seed) into --table-dir. Finished runs are skipped and "
+            "interrupted stages resume, so an interrupted ablation continues when run again."
+        ),
+    )
+    p.add_argument(
+        "--prepared", type=Path, required=True, help="output directory of `imtext prepare`"
+    )
+    p.add_argument("--out", type=Path, required=True, help="directory of the runs")
+    p.add_argument(
+        "--configs",
+        type=Path,
+        default=Path("ablation/configs.yaml"),
+        help="configurations file (default: %(default)s)",
+    )
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="(default: %(default)s)")
+    p.add_argument(
+        "--table-dir", type=Path, default=None, help="where the table goes (default: OUT)"
+    )
+    _params_arg(p)
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="auto (CUDA when available), cpu, cuda or cuda:N (default: %(default)s)",
+    )
+    p.add_argument(
+        "--mlflow",
+        action="store_true",
+        help="also log the table to MLflow (experiment register.experiment, run 'ablation')",
+    )
+    _tracking_arg(p)
+    p.set_defaults(func=_run_ablate)
+
+
+def _run_ablate(args: argparse.Namespace) -> None:
+    from imtext.ablate import METRICS, read_plan, run_ablation, summarise
+    from imtext.config import read_params, stage_config_from_params
+
+    params = read_params(args.params)
+    plan = read_plan(args.configs)
+    table_dir = args.table_dir or args.out
+    rows = run_ablation(
+        params, plan, args.prepared, args.out, args.seeds, table_dir=table_dir,
+        device=args.device, log=log.info,
+    )  # fmt: skip
+    log.info("ablation table: %s", table_dir / "ablation.md")
+    if not args.mlflow:
+        return
+    from imtext.registry.tracking import connect, ensure_experiment, resolve_tracking_uri
+
+    cfg = stage_config_from_params("register", params, str(args.params))
+    server = connect(resolve_tracking_uri(cfg, args.tracking_uri), cfg, log.info)
+    client = server.client
+    run_id = client.create_run(
+        ensure_experiment(server, cfg.experiment), run_name="ablation"
+    ).info.run_id
+    client.log_param(run_id, "configs", ",".join(c.name for c in plan.configurations))
+    client.log_param(run_id, "seeds", ",".join(map(str, args.seeds)))
+    for entry in summarise(rows, plan):
+        for key in METRICS:
+            client.log_metric(run_id, f"{entry['config']}.{key}", entry[key][0])
+            client.log_metric(run_id, f"{entry['config']}.{key}_std", entry[key][1])
+    for name in ("ablation.md", "ablation.csv"):
+        client.log_artifact(run_id, str(table_dir / name))
+    client.set_terminated(run_id)
+    log.info("ablation logged to MLflow run %s", run_id)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="imtext",
@@ -475,6 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_register(sub)
     _add_promote(sub)
     _add_plots(sub)
+    _add_ablate(sub)
     return parser
 
 

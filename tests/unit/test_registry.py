@@ -323,6 +323,16 @@ def test_first_version_is_promoted(cfg, stages):
     assert "promotion.time" in tags and "promotion.forced_reason" not in tags
 
 
+def test_a_store_other_than_the_process_default_registers_and_promotes(stages, workdir):
+    # MLflow resolves a new version's source through its global URI (sqlite:///mlflow.db in the
+    # working directory here); the explicit store must be used all the same.
+    other = make_cfg(f"sqlite:///{workdir.parent / 'elsewhere' / 'store.db'}")
+    (workdir.parent / "elsewhere").mkdir()
+    assert stages.register(other, 60.0).version == "1"
+    assert promote(other, 1).promoted and champion_of(other) == "1"
+    assert not (workdir / "mlflow.db").exists()
+
+
 def test_gate_refuses_equal_and_worse_and_promotes_better(cfg, stages):
     for rsum in (60.0, 60.4, 50.0, 61.0):  # versions 1..4; min delta 0.5
         stages.register(cfg, rsum)

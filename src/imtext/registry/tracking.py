@@ -366,6 +366,22 @@ def log_encoders_model(
     return model.model_id
 
 
+def with_global_tracking_uri(uri: str, call: Callable[..., Any]) -> Callable[..., Any]:
+    """``call`` run with MLflow's global tracking URI set to ``uri``.
+
+    ``create_model_version`` resolves its ``models:/m-...`` source through the global tracking
+    URI, not the client's, so without this a store other than the process default fails with
+    "Logged model ... not found".
+    """
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        with _use_tracking_uri(uri):
+            return call(*args, **kwargs)
+
+    return wrapped
+
+
 def create_version(
     server: Server, cfg: RegisterConfig, run_id: str, model_id: str, tags: dict[str, str]
 ) -> str:
@@ -387,7 +403,7 @@ def create_version(
             pass
     version = server.call(
         "register the new model version",
-        client.create_model_version,
+        with_global_tracking_uri(server.uri, client.create_model_version),
         cfg.model_name,
         f"models:/{model_id}",
         run_id=run_id,

@@ -1,0 +1,25 @@
+"""One thin KFP component per imtext stage, all in the project image (see ``image.py``).
+
+Each component marshals its parameters and artifact paths into one call of an imtext stage
+function; ``imtext`` is imported only inside component bodies, which run in the image.
+"""
+
+from components.evaluate import evaluate
+from components.export import export
+from components.finetune import finetune
+from components.image import IMAGE
+from components.prepare import prepare
+from components.pretrain import pretrain
+from components.promote import promote
+from components.register import register
+
+__all__ = [
+    "IMAGE",
+    "evaluate",
+    "export",
+    "finetune",
+    "prepare",
+    "pretrain",
+    "promote",
+    "register",
+]

@@ -1,0 +1,55 @@
+"""KFP component ``prepare``: raw annotations + images -> prepared splits (``imtext prepare``)."""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Metrics, Output
+
+from components.image import IMAGE
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def prepare(
+    data: str,
+    annotations: str,
+    images: str,
+    data_format: str,
+    skip_bad: bool,
+    params: str,
+    overrides: list,
+    prepared: Output[Dataset],
+    metrics: Output[Metrics],
+):
+    """Fetch the raw data and run the prepare stage on it.
+
+    Args:
+        data: Raw data location: a local directory or s3://bucket/prefix (fetched with boto3;
+            endpoint and credentials from the environment).
+        annotations: Annotation file, relative to the data location (e.g. dataset.json).
+        images: Directory the image paths are relative to, relative to the data location.
+        data_format: karpathy or cuhk-pedes.
+        skip_bad: Skip unusable images and captions instead of failing.
+        params: The text of params.yaml (one section per stage).
+        overrides: section.key=value settings applied over params.
+        prepared: Directory of prepared splits, vocabulary and meta.json.
+        metrics: Split sizes and vocabulary size.
+    """
+    import tempfile
+    from pathlib import Path
+
+    from imtext.config import stage_config_from_params
+    from imtext.data.prepare import prepare as prepare_stage
+    from imtext.data.remote import fetch
+    from imtext.orchestrate import log_metrics, step_params
+
+    cfg = stage_config_from_params("prepare", step_params(params, overrides))
+    with tempfile.TemporaryDirectory(prefix="imtext-raw-") as scratch:
+        raw = fetch(data, Path(scratch), log=print)
+        result = prepare_stage(
+            cfg,
+            raw / annotations,
+            raw / images,
+            Path(prepared.path),
+            fmt=data_format,
+            skip_bad=skip_bad,
+            log=print,
+        )
+    log_metrics(metrics, result)

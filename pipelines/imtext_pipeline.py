@@ -1,0 +1,152 @@
+"""The imtext DAG: prepare -> pretrain -> finetune -> evaluate -> export -> register -> promote.
+
+``promote`` runs only when ``register`` found the candidate better than the serving champion (the
+``dsl.If`` gate); ``register`` and ``promote`` never come from KFP's cache, since they change the
+model registry. The same DAG runs on a cluster (compiled with the settings of
+:mod:`pipelines.cluster`) and on a workstation with KFP's local runner (without them).
+"""
+
+import json
+from pathlib import Path
+from typing import NamedTuple
+
+import yaml
+from kfp import dsl
+from kfp.dsl import HTML, Artifact, Markdown
+
+from components import evaluate, export, finetune, prepare, pretrain, promote, register
+from pipelines.cluster import configure_for_cluster
+from pipelines.errors import PipelineError
+
+PIPELINE_NAME = "imtext"
+DESCRIPTION = (
+    "Image-text retrieval (dual-path CNN, instance loss): prepare, two training stages, evaluate, "
+    "ONNX export, MLflow registration, and promotion to the serving alias behind the metric gate."
+)
+REPO = Path(__file__).resolve().parents[1]
+#: The parameters compiled into the pipeline as the default of its ``params`` argument.
+PARAMS_FILE = REPO / "params.yaml"
+#: Where a cluster run reads the raw data unless told otherwise (the built-in dataset, uploaded
+#: with ``aws s3 sync data/shapes s3://imtext-data/datasets/shapes``).
+DEFAULT_DATA = "s3://imtext-data/datasets/shapes"
+
+
+class PipelineOutputs(NamedTuple):
+    evaluation: Artifact
+    recall_table: Markdown
+    report: HTML
+    gate_metric: float
+    model_version: str
+    beats_champion: bool
+    gate: str
+
+
+def compact_params(text: str) -> str:
+    """params.yaml text as one line of JSON (YAML reads it back): the compiler writes each default
+    into a comment at the top of the package, which a multi-line default would break."""
+    try:
+        params = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise PipelineError(f"params: not valid YAML: {' '.join(str(exc).split())}") from None
+    if not isinstance(params, dict):
+        raise PipelineError("params: expected a mapping of stage sections")
+    return json.dumps(params, separators=(",", ":"))
+
+
+def build_pipeline(params: str | None = None, *, for_cluster: bool = True):
+    """The pipeline, with ``params`` (the text of a params.yaml; default: the repository's) as the
+    default of its ``params`` argument; ``for_cluster`` adds the settings of
+    :mod:`pipelines.cluster` (resources, GPUs, retries, the credentials secret)."""
+    default_params = compact_params(
+        PARAMS_FILE.read_text(encoding="utf-8") if params is None else params
+    )
+    # KFP reads a parameter's default from the signature, so a mutable default is the API here.
+    no_overrides: list = []
+
+    @dsl.pipeline(name=PIPELINE_NAME, description=DESCRIPTION)
+    def imtext_pipeline(
+        data: str = DEFAULT_DATA,
+        annotations: str = "dataset.json",
+        images: str = "images",
+        data_format: str = "karpathy",
+        skip_bad: bool = False,
+        params: str = default_params,
+        overrides: list = no_overrides,
+        tracking_uri: str = "",
+        model_name: str = "",
+        device: str = "auto",
+    ) -> PipelineOutputs:
+        """Train, evaluate, export and register an imtext model; promote it if it is better.
+
+        Args:
+            data: Raw data: s3://bucket/prefix, or a directory the steps can read.
+            annotations: Annotation file under the data location (Karpathy JSON or reid_raw.json).
+            images: Directory under the data location that image paths are relative to.
+            data_format: karpathy (Flickr30k, COCO, shapes) or cuhk-pedes.
+            skip_bad: Leave out unusable images and captions instead of failing.
+            params: params.yaml as JSON or YAML text (a dict argument cannot hold its nulls);
+                the default is the file the pipeline was compiled with.
+            overrides: section.key=value settings applied over params, e.g. finetune.epochs=2.
+            tracking_uri: MLflow tracking URI; empty: register.tracking_uri, else the secret's.
+            model_name: Registered model name; empty: register.model_name.
+            device: Training and evaluation device: auto, cpu, cuda or cuda:N.
+        """
+        settings = {"params": params, "overrides": overrides}
+        prepare_task = prepare(
+            data=data,
+            annotations=annotations,
+            images=images,
+            data_format=data_format,
+            skip_bad=skip_bad,
+            **settings,
+        )
+        prepared = prepare_task.outputs["prepared"]
+        pretrain_task = pretrain(prepared=prepared, device=device, **settings)
+        finetune_task = finetune(
+            prepared=prepared, init=pretrain_task.outputs["model"], device=device, **settings
+        )
+        model = finetune_task.outputs["model"]
+        evaluate_task = evaluate(model=model, prepared=prepared, device=device, **settings)
+        export_task = export(model=model, prepared=prepared, **settings)
+        # Export needs nothing of evaluate's, but only a model that evaluated is worth exporting,
+        # and one chain keeps the run in the order of the CLI and dvc.yaml.
+        export_task.after(evaluate_task)
+        register_task = register(
+            model=model,
+            evaluation=evaluate_task.outputs["evaluation"],
+            onnx=export_task.outputs["onnx"],
+            tracking_uri=tracking_uri,
+            model_name=model_name,
+            **settings,
+        )
+        with dsl.If(register_task.outputs["Output"] == True, "beats-champion"):  # noqa: E712
+            promote_task = promote(
+                model_version=register_task.outputs["model_version"],
+                tracking_uri=tracking_uri,
+                model_name=model_name,
+                **settings,
+            )
+        tasks = {
+            "prepare": prepare_task,
+            "pretrain": pretrain_task,
+            "finetune": finetune_task,
+            "evaluate": evaluate_task,
+            "export": export_task,
+            "register": register_task,
+            "promote": promote_task,
+        }
+        for name in ("register", "promote"):
+            tasks[name].set_caching_options(enable_caching=False)
+        if for_cluster:
+            configure_for_cluster(tasks)
+        return PipelineOutputs(
+            evaluation=evaluate_task.outputs["evaluation"],
+            recall_table=evaluate_task.outputs["recall_table"],
+            report=evaluate_task.outputs["report"],
+            gate_metric=evaluate_task.outputs["Output"],
+            model_version=register_task.outputs["model_version"],
+            beats_champion=register_task.outputs["Output"],
+            gate=register_task.outputs["gate"],
+        )
+
+    return imtext_pipeline

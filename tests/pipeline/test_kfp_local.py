@@ -1,0 +1,132 @@
+"""`imtext pipeline run`: the whole KFP DAG with the local SubprocessRunner on tiny data read from
+an S3-compatible server (moto) on 127.0.0.1, registered and promoted in a local MLflow store."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+import boto3
+import pytest
+import yaml
+
+from imtext.data.shapes import generate_shapes
+from imtext.errors import ImtextError
+from imtext.orchestrate import add_pipeline_parser
+from tests.conftest import REPO, tiny_params
+
+pytestmark = pytest.mark.slow
+
+STEPS = ("prepare", "pretrain", "finetune", "evaluate", "export", "register", "promote")
+#: Shrinks the work past training as well (the tiny sizes of tiny_params cover training).
+FAST = ["--set", "evaluate.report_queries=2", "--set", "export.quantize=false"]
+
+
+@pytest.fixture
+def s3_shapes(tmp_path, s3_endpoint, s3_env, monkeypatch) -> str:
+    """The built-in dataset at 72 images of 32 px, uploaded to s3://imtext-data/shapes; the steps
+    find the endpoint in AWS_ENDPOINT_URL, which their subprocesses inherit."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    local = tmp_path / "shapes"
+    generate_shapes(local, n_images=72, seed=3, size=32)
+    client = boto3.client("s3")
+    client.create_bucket(Bucket="imtext-data")
+    for path in local.rglob("*"):
+        if path.is_file():
+            client.upload_file(str(path), "imtext-data", f"shapes/{path.relative_to(local)}")
+    return "s3://imtext-data/shapes"
+
+
+def small_params(path: Path) -> Path:
+    """``tiny_params``, with the repository's model settings that TINY_MODEL does not name."""
+    tiny_params(path)
+    params = yaml.safe_load(path.read_text())
+    repo = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["model"] = {**repo["model"], **params["model"]}
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def pipeline_run(*argv: str) -> None:
+    parser = argparse.ArgumentParser(prog="imtext")
+    add_pipeline_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["pipeline", "run", "--repo", str(REPO), *argv])
+    args.func(args)
+
+
+def summary(out: str) -> str:
+    """The summary printed after KFP's log: from the recall table on."""
+    return out[out.rindex("\nrecall on the test split:") :]
+
+
+def test_local_run_registers_promotes_and_then_gates(tmp_path, s3_shapes, capsys, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    params = small_params(tmp_path / "params.yaml")
+    # As on a cluster, where the secret sets it: the steps' subprocesses inherit the variable.
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)
+    argv = [
+        "--data",
+        s3_shapes,
+        "--params",
+        str(params),
+        "--out",
+        str(tmp_path / "kfp"),
+        "--cache",
+        *FAST,
+    ]
+    pipeline_run(*argv)
+    first = summary(capsys.readouterr().out)
+    assert re.search(r"\| image -> text \|\s+[\d.]+ \|", first)
+    assert "| rsum " in first
+    report = Path(re.search(r"^report: (.+)$", first, re.M).group(1))
+    assert report.name == "report.html" and "<html" in report.read_text().lower()
+    run_dir = report.parents[2]
+    assert {p.name for p in run_dir.iterdir()} == set(STEPS)
+    assert f"registered: imtext-dual-path version 1 (MLflow {tracking})" in first
+    assert "promotion: version 1 is now @champion: no version holds alias 'champion' yet" in first
+
+    client = MlflowClient(tracking_uri=tracking, registry_uri=tracking)
+    assert str(client.get_model_version_by_alias("imtext-dual-path", "champion").version) == "1"
+
+    # Again, with every step up to export taken from KFP's local cache: register makes version 2
+    # with the same rsum, which does not beat the champion, so the gate skips promote.
+    pipeline_run(*argv)
+    log = capsys.readouterr().out
+    second = summary(log)
+    assert "registered: imtext-dual-path version 2 " in second
+    assert "promotion: skipped by the gate: rsum" in second
+    assert "does not beat" in second
+    assert str(client.get_model_version_by_alias("imtext-dual-path", "champion").version) == "1"
+    newest = max((tmp_path / "kfp").glob("imtext-*"))
+    assert {p.name for p in newest.iterdir()} == {"register"}
+
+
+def test_a_failing_step_is_named(tmp_path, s3_endpoint, s3_env, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    boto3.client("s3").create_bucket(Bucket="empty-bucket")
+    with pytest.raises(ImtextError, match=r"local pipeline run failed: .*'prepare'"):
+        pipeline_run(
+            "--data",
+            "s3://empty-bucket/flickr30k",
+            "--params",
+            str(small_params(tmp_path / "params.yaml")),
+            "--out",
+            str(tmp_path / "kfp"),
+        )
+
+
+def test_bad_settings_fail_before_any_step_runs(tmp_path):
+    common = [
+        "--params",
+        str(small_params(tmp_path / "params.yaml")),
+        "--out",
+        str(tmp_path / "kfp"),
+    ]
+    with pytest.raises(ImtextError, match="no key 'epoch' in section 'finetune'"):
+        pipeline_run("--set", "finetune.epoch=1", *common)
+    with pytest.raises(ImtextError, match="data directory not found"):
+        pipeline_run("--data", str(tmp_path / "missing"), *common)
+    assert not (tmp_path / "kfp").exists()
