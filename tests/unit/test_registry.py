@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import socket
 import time
 from pathlib import Path
@@ -331,6 +332,14 @@ def test_a_store_other_than_the_process_default_registers_and_promotes(stages, w
     assert stages.register(other, 60.0).version == "1"
     assert promote(other, 1).promoted and champion_of(other) == "1"
     assert not (workdir / "mlflow.db").exists()
+
+
+def test_registering_leaves_the_tracking_uri_variable_as_it_was(stages, workdir, monkeypatch):
+    target = f"sqlite:///{workdir / 'env.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", target)
+    stages.register(make_cfg(None), 60.0)
+    assert os.environ["MLFLOW_TRACKING_URI"] == target
+    assert preview_promotion(make_cfg(None), 1).promoted
 
 
 def test_gate_refuses_equal_and_worse_and_promotes_better(cfg, stages):

@@ -373,11 +373,22 @@ def with_global_tracking_uri(uri: str, call: Callable[..., Any]) -> Callable[...
     URI, not the client's, so without this a store other than the process default fails with
     "Logged model ... not found".
     """
-    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+    import mlflow
 
     def wrapped(*args: Any, **kwargs: Any) -> Any:
-        with _use_tracking_uri(uri):
+        # set_tracking_uri also writes $MLFLOW_TRACKING_URI (and unsets it when restoring None),
+        # so both the global and the variable are put back as they were.
+        env_before = os.environ.get("MLFLOW_TRACKING_URI")
+        global_before = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+        mlflow.set_tracking_uri(uri)
+        try:
             return call(*args, **kwargs)
+        finally:
+            mlflow.set_tracking_uri(global_before)
+            if env_before is None:
+                os.environ.pop("MLFLOW_TRACKING_URI", None)
+            else:
+                os.environ["MLFLOW_TRACKING_URI"] = env_before
 
     return wrapped
 
