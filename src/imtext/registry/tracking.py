@@ -374,12 +374,14 @@ def with_global_tracking_uri(uri: str, call: Callable[..., Any]) -> Callable[...
     "Logged model ... not found".
     """
     import mlflow
+    from mlflow.tracking._tracking_service import utils as tracking_utils
 
     def wrapped(*args: Any, **kwargs: Any) -> Any:
         # set_tracking_uri also writes $MLFLOW_TRACKING_URI (and unsets it when restoring None),
-        # so both the global and the variable are put back as they were.
+        # so both the global (read raw: get_tracking_uri() would fold the variable into it) and
+        # the variable are put back exactly as they were.
         env_before = os.environ.get("MLFLOW_TRACKING_URI")
-        global_before = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+        global_before = tracking_utils._tracking_uri
         mlflow.set_tracking_uri(uri)
         try:
             return call(*args, **kwargs)
