@@ -55,7 +55,14 @@ def test_dvc_yaml_stages_run_and_rerun_only_on_change(tmp_path):
     assert (repo / "artifacts" / "finetune" / "model.pt").is_file()
     metrics = json.loads(run("dvc", "metrics", "show", "--json", cwd=repo))
     assert "val_rsum" in json.dumps(metrics)
+    assert "rsum" in metrics[""]["data"]["artifacts/evaluate/metrics.json"]["data"]
+    assert (repo / "artifacts" / "export" / "text_encoder.onnx").is_file()
     assert "up to date" in run("dvc", "status", cwd=repo)
+    # The plots render with Vega inlined: nothing is fetched when the page opens.
+    run("imtext", "plots", "--out", "plots", cwd=repo)
+    page = (repo / "plots" / "index.html").read_text()
+    assert "<script src" not in page
+    assert "vegaEmbed('#recall_at_k'" in page and "vegaEmbed('#artifacts_finetune_history" in page
     # Changing a parameter of the stage makes DVC rerun it.
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["prepare"]["min_count"] = 2
