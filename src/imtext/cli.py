@@ -483,6 +483,12 @@ def _add_ablate(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--table-dir", type=Path, default=None, help="where the table goes (default: OUT)"
     )
+    p.add_argument(
+        "--only",
+        nargs="+",
+        metavar="NAME",
+        help="run only these configurations (e.g. to share them out among processes)",
+    )
     _params_arg(p)
     p.add_argument(
         "--device",
@@ -499,11 +505,11 @@ def _add_ablate(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_ablate(args: argparse.Namespace) -> None:
-    from imtext.ablate import METRICS, read_plan, run_ablation, summarise
+    from imtext.ablate import METRICS, read_plan, run_ablation, select, summarise
     from imtext.config import read_params, stage_config_from_params
 
     params = read_params(args.params)
-    plan = read_plan(args.configs)
+    plan = select(read_plan(args.configs), args.only)
     table_dir = args.table_dir or args.out
     rows = run_ablation(
         params, plan, args.prepared, args.out, args.seeds, table_dir=table_dir,
@@ -553,6 +559,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_promote(sub)
     _add_plots(sub)
     _add_ablate(sub)
+    add_pipeline_parser(sub)
     return parser
 
 

@@ -30,6 +30,16 @@ def test_help_explains_every_command():
     assert "--skip-bad" in prepare and "training split only" in prepare
 
 
+def test_every_stage_and_tool_is_a_subcommand_with_help():
+    top = imtext("--help").stdout
+    for command in ("evaluate", "export", "register", "promote", "plots", "pipeline", "ablate"):
+        assert f"    {command} " in top, f"`imtext {command}` is missing from imtext --help"
+    pipeline = imtext("pipeline", "--help").stdout
+    assert all(c in pipeline for c in ("compile", "run", "submit"))
+    promote = " ".join(imtext("promote", "--help").stdout.split())
+    assert "status 3" in promote and "--force REASON" in promote
+
+
 def test_shapes_then_prepare(tmp_path):
     gen = imtext(
         "data", "shapes", "--out", tmp_path / "shapes", "--images", 36, "--seed", 1, "--size", 48
