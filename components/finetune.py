@@ -28,32 +28,16 @@ def finetune(
             metrics.json and log.jsonl.
         metrics: The stage's final metrics (validation recall of the best epoch).
     """
-    import json
     from pathlib import Path
 
-    from imtext.config import stage_config_from_params
-    from imtext.orchestrate import log_metrics, step_params
-    from imtext.train.loop import train_stage
+    from imtext.orchestrate import log_metrics, step_params, train_step
 
-    values = step_params(params, overrides)
-    out = Path(model.path)
-    out.mkdir(parents=True, exist_ok=True)
-
-    def log(step_metrics: dict, step: int) -> None:
-        line = json.dumps({"stage": "finetune", "step": step, **step_metrics})
-        print(line, flush=True)
-        with (out / "log.jsonl").open("a", encoding="utf-8") as file:
-            file.write(line + "\n")
-
-    result = train_stage(
+    result = train_step(
         "finetune",
-        stage_config_from_params("model", values),
-        stage_config_from_params("finetune", values),
+        step_params(params, overrides),
         Path(prepared.path),
-        out,
+        Path(model.path),
         init=Path(init.path) / "model.pt",
         device=device,
-        log=log,
-        progress=False,
     )
     log_metrics(metrics, result)

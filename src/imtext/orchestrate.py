@@ -78,6 +78,44 @@ def log_metrics(artifact: Any, values: dict[str, Any]) -> None:
     path.write_text(json.dumps(dict(artifact.metadata), indent=1) + "\n", encoding="utf-8")
 
 
+def train_step(
+    stage: str,
+    params: dict[str, Any],
+    prepared: Path,
+    out: Path,
+    *,
+    init: Path | None = None,
+    device: str = "auto",
+) -> dict[str, float]:
+    """A pipeline's ``pretrain`` or ``finetune`` step: ``train_stage`` with the step's parameters,
+    every logged step's metrics printed (KFP's log) and appended to ``out/log.jsonl``."""
+    import json
+
+    from imtext.config import stage_config_from_params
+    from imtext.train.loop import train_stage
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def log(step_metrics: dict[str, float], step: int) -> None:
+        line = json.dumps({"stage": stage, "step": step, **step_metrics})
+        print(line, flush=True)
+        with (out / "log.jsonl").open("a", encoding="utf-8") as file:
+            file.write(line + "\n")
+
+    return train_stage(
+        stage,
+        stage_config_from_params("model", params),
+        stage_config_from_params(stage, params),
+        Path(prepared),
+        out,
+        init=init,
+        device=device,
+        log=log,
+        progress=False,
+    )
+
+
 # --- loading pipelines/ and components/ ---------------------------------------------------------
 
 
