@@ -114,6 +114,11 @@ TINY_MODEL = {
     "text_width": 8,
     "text_blocks": [1, 1, 1, 1],
     "classifier_bias": True,
+    "method": "dual_path",
+    "branch_hidden": 16,
+    "fusion_dims": [8],
+    "discriminator_dims": [],
+    "bn_momentum": 0.1,
 }
 
 

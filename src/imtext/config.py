@@ -51,13 +51,21 @@ class PrepareConfig:
 Backbone = Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
 
 
+Method = Literal["dual_path", "two_branch", "similarity"]
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    """Architecture of the dual-path model, shared by ``pretrain`` and ``finetune``.
+    """Architecture of the model, shared by ``pretrain`` and ``finetune``.
 
     The paper's model is ``resnet50`` at 224 px, a 2048-d head, 300-d word2vec words, text width 256
     and text blocks ``[3, 4, 6, 1]``; the defaults in ``params.yaml`` are a narrow variant that
     trains on two CPU cores in minutes.
+
+    ``method`` picks what sits on the dual-path encoders (the image ResNet + head and the text CNN
+    + head, whose outputs are ``embed_dim`` wide): nothing (``dual_path``, the embeddings are the
+    heads' outputs), the two-branch embedding network (``two_branch``, seed 003) or the two-branch
+    similarity network (``similarity``, seed 003, which scores pairs and has no embedding).
     """
 
     #: torchvision ResNet of the image branch.
@@ -82,9 +90,23 @@ class ModelConfig:
     text_blocks: list[int]
     #: Whether the shared instance classifier has a bias (paper: yes, except COCO).
     classifier_bias: bool
+    #: ``dual_path`` (the paper's model), ``two_branch`` (the embedding network of seed 003 on the
+    #: heads' outputs) or ``similarity`` (its similarity network: pair scores, no embedding).
+    method: Method = "dual_path"
+    #: Hidden width of each two-branch branch, ``embed_dim -> branch_hidden -> embed_dim``
+    #: (official: 2048 hidden, 512 out); unused by ``dual_path``.
+    branch_hidden: int = 512
+    #: Hidden layers of the similarity network between the element-wise product and the score.
+    fusion_dims: list[int] = dataclasses.field(default_factory=lambda: [256])
+    #: Hidden layers of the modality discriminator on the shared embedding (seed 002);
+    #: ``[]`` builds none.
+    discriminator_dims: list[int] = dataclasses.field(default_factory=list)
+    #: BatchNorm momentum of the two-branch branches (PyTorch's convention; 0.9 reproduces the
+    #: official TF code, METHODS.md section 3.1).
+    bn_momentum: float = 0.1
 
     def __post_init__(self) -> None:
-        for name in ("image_size", "embed_dim", "word_dim", "text_width"):
+        for name in ("image_size", "embed_dim", "word_dim", "text_width", "branch_hidden"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be at least 1, got {getattr(self, name)}")
         if not 0 <= self.dropout < 1:
@@ -93,9 +115,23 @@ class ModelConfig:
             raise ConfigError(
                 f"text_blocks: need 4 stages of at least 1 block, got {self.text_blocks}"
             )
+        for name in ("fusion_dims", "discriminator_dims"):
+            if any(width < 1 for width in getattr(self, name)):
+                raise ConfigError(
+                    f"{name}: layer widths must be at least 1, got {getattr(self, name)}"
+                )
+        if not 0 <= self.bn_momentum <= 1:
+            raise ConfigError(f"bn_momentum: must be in [0, 1], got {self.bn_momentum}")
+        if self.discriminator_dims and self.method == "similarity":
+            raise ConfigError(
+                "discriminator_dims: the similarity network has no shared embedding for a modality "
+                "discriminator to read; use [] or method two_branch / dual_path"
+            )
 
 
-Ranking = Literal["paired_hard", "paired_random", "batch_sum", "batch_hardest"]
+Ranking = Literal[
+    "paired_hard", "paired_random", "batch_sum", "batch_hardest", "infonce", "topk", "logistic"
+]
 Optimizer = Literal["sgd", "adam"]
 Precision = Literal["fp32", "bf16", "fp16"]
 
@@ -128,7 +164,10 @@ class TrainConfig:
     loss_weights: list[float]
     #: ``paired_hard``: the paper's one negative per anchor, the text mined from a candidate pool;
     #: ``paired_random``: the same with a random candidate (the paper's CUHK-PEDES setting);
-    #: ``batch_sum`` / ``batch_hardest``: all in-batch negatives, summed (VSE) or hardest (VSE++).
+    #: ``batch_sum`` / ``batch_hardest``: all in-batch negatives, summed (VSE) or hardest (VSE++,
+    #: with ``loss_weights [1, 0, 0]``); ``infonce``: in-batch InfoNCE with a learned temperature;
+    #: ``topk``: the two-branch network's top-K bidirectional ranking (+ neighbourhood term);
+    #: ``logistic``: the similarity network's logistic loss on positive and sampled negative pairs.
     ranking: Ranking
     margin: float
     #: Random captions of other images scored to mine each hard negative (paper: 256).
@@ -152,6 +191,30 @@ class TrainConfig:
     seed: int
     #: Mixed precision on CUDA (``bf16``/``fp16``); the CPU always runs fp32.
     precision: Precision
+    # The fields below serve the other methods (issue 6); their defaults leave the dual-path
+    # training exactly as it was, and files written before they existed read as those defaults.
+    #: ``topk``: violations kept per anchor (official: 10).
+    top_k: int = 10
+    #: ``topk``: weights of the (sentence -> image, image -> sentence) terms (official: 1.5, 1).
+    direction_weights: list[float] = dataclasses.field(default_factory=lambda: [1.5, 1.0])
+    #: ``topk``: weight of the neighbourhood constraint between sentences of one image (official
+    #: 0.05; the PyTorch port 0.1); it needs ``sentences_per_image`` > 1 to have positives.
+    neighbour_weight: float = 0.05
+    #: Captions of each image in a batch: 1 is one random caption per image; more is the two-branch
+    #: network's neighbourhood sampling (``batch_size`` images, up to this many captions each).
+    sentences_per_image: int = 1
+    #: ``logistic``: negative pairs sampled in the batch for each positive pair.
+    negatives_per_positive: int = 3
+    #: Weight of the modality-adversarial loss (seed 002; needs ``model.discriminator_dims``);
+    #: 0 switches it off.
+    adversarial_weight: float = 0.0
+    #: Largest gradient-reversal coefficient; it ramps up from 0 after the warm-up epochs.
+    adversarial_lambda: float = 1.0
+    #: Epochs at the start of the stage with a reversal coefficient of 0: the discriminator learns
+    #: while the encoders get none of its gradient (the multi-stage procedure's D warm-up).
+    adversarial_warmup_epochs: int = 0
+    #: ``infonce``: the learned temperature's starting value (CLIP: 0.07).
+    init_temperature: float = 0.07
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "candidate_pool", "eval_every"):
@@ -162,6 +225,7 @@ class TrainConfig:
                 f"batch_size: paired ranking splits the batch in halves; got {self.batch_size}, "
                 "use an even number"
             )
+        self._check_method_fields()
         if len(self.loss_weights) != 3 or min(self.loss_weights) < 0:
             raise ConfigError(
                 "loss_weights: need three non-negative weights (ranking, image instance, "
@@ -183,6 +247,89 @@ class TrainConfig:
             raise ConfigError(f"lr_milestones: epochs count from 1, got {self.lr_milestones}")
         if self.patience is not None and self.patience < 1:
             raise ConfigError(f"patience: must be at least 1 or null, got {self.patience}")
+
+    def _check_method_fields(self) -> None:
+        for name in ("top_k", "sentences_per_image", "negatives_per_positive"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be at least 1, got {getattr(self, name)}")
+        if len(self.direction_weights) != 2 or min(self.direction_weights) < 0:
+            raise ConfigError(
+                "direction_weights: need two non-negative weights (sentence -> image, image -> "
+                f"sentence), got {self.direction_weights}"
+            )
+        for name in ("neighbour_weight", "adversarial_weight", "adversarial_lambda"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must not be negative, got {getattr(self, name)}")
+        if not 0 <= self.adversarial_warmup_epochs < self.epochs or (
+            self.adversarial_warmup_epochs and not self.adversarial_weight
+        ):
+            raise ConfigError(
+                f"adversarial_warmup_epochs: must be in [0, epochs) = [0, {self.epochs}) and needs "
+                f"adversarial_weight > 0, got {self.adversarial_warmup_epochs}"
+            )
+        if not 0 < self.init_temperature <= 1:
+            raise ConfigError(f"init_temperature: must be in (0, 1], got {self.init_temperature}")
+        if self.sentences_per_image > 1 and self.ranking.startswith("paired"):
+            raise ConfigError(
+                f"sentences_per_image: {self.ranking!r} ranking pairs one caption with each image; "
+                "use 1, or a batch ranking (batch_sum, batch_hardest, infonce, topk, logistic)"
+            )
+        if self.ranking == "logistic" and self.negatives_per_positive >= self.batch_size:
+            raise ConfigError(
+                f"negatives_per_positive: the logistic loss samples negatives among the other "
+                f"{self.batch_size - 1} images of a batch; got {self.negatives_per_positive}"
+            )
+
+
+def check_method(model: ModelConfig, train: TrainConfig, where: str = "params") -> None:
+    """Raise :class:`ConfigError`, naming the key, when the stage's losses cannot train ``model``.
+
+    The two sections are valid on their own; this checks them together (``train_stage`` calls it):
+    the similarity network is trained by the logistic loss and nothing else scores pairs, the
+    two-branch and dual-path models have embeddings for every other ranking loss, and the
+    adversarial loss needs a discriminator.
+    """
+    ranks = train.loss_weights[0] > 0
+    if model.method == "similarity" and ranks and train.ranking != "logistic":
+        raise ConfigError(
+            f"{where}: ranking: model.method 'similarity' scores pairs and has no embedding to "
+            f"rank; use ranking 'logistic' (got {train.ranking!r})"
+        )
+    if model.method == "similarity" and not ranks:
+        raise ConfigError(
+            f"{where}: loss_weights: model.method 'similarity' is trained by its logistic loss; "
+            f"give it a positive first weight (got {train.loss_weights})"
+        )
+    if train.ranking == "logistic" and model.method != "similarity":
+        raise ConfigError(
+            f"{where}: ranking: 'logistic' trains the pair scores of model.method 'similarity', "
+            f"but the model is {model.method!r}"
+        )
+    if train.adversarial_weight > 0 and not model.discriminator_dims:
+        raise ConfigError(
+            f"{where}: adversarial_weight: {train.adversarial_weight} needs a modality "
+            "discriminator; set model.discriminator_dims (e.g. [512])"
+        )
+
+
+#: Values of the fields added for the other methods that reproduce the files written before them.
+MODEL_METHOD_DEFAULTS = {
+    f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    for f in dataclasses.fields(ModelConfig)
+    if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+}
+TRAIN_METHOD_DEFAULTS = {
+    f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    for f in dataclasses.fields(TrainConfig)
+    if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+}
+
+
+def with_method_defaults(values: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """A stored config (a model file's ``model_config`` or ``train_config``) completed with the
+    method fields it predates; used for files only, never for ``params.yaml`` (which must name
+    every key)."""
+    return {**values, **{k: v for k, v in defaults.items() if k not in values}}
 
 
 Protocol = Literal["full", "coco_1k", "cuhk"]
@@ -234,8 +381,11 @@ class ExportConfig:
     quantize: bool
 
     def __post_init__(self) -> None:
-        if self.opset < 7:
-            raise ConfigError(f"opset: must be at least 7, got {self.opset}")
+        if self.opset < 18:
+            raise ConfigError(
+                f"opset: must be at least 18 (the oldest torch.onnx's exporter writes), got "
+                f"{self.opset}"
+            )
         for name in ("parity_tolerance", "recall_tolerance"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must not be negative, got {getattr(self, name)}")

@@ -55,7 +55,7 @@ from imtext.eval.report import (
 from imtext.models.dual_path import DualPathModel
 from imtext.train.checkpoint import load_model
 from imtext.train.distributed import resolve_device
-from imtext.train.features import embed_captions, embed_images
+from imtext.train.scoring import retrieval_inputs
 
 __all__ = [
     "build_examples",
@@ -119,9 +119,13 @@ def evaluate(
 
     next(phases)
     image_size = int(record["model_config"]["image_size"])
-    images = embed_images(model, split, image_size, torch_device, cfg.batch_size, cfg.flip_average)
+    # Embeddings, or for the similarity network the scores of every pair as (S, I): the ranking
+    # and the report below only ever multiply the two (imtext.train.scoring).
+    images, texts = retrieval_inputs(
+        model, split, image_size, torch_device, cfg.batch_size, 4 * cfg.batch_size,
+        cfg.flip_average, cfg.shift_average,
+    )  # fmt: skip
     next(phases)
-    texts = embed_captions(model, split, torch_device, 4 * cfg.batch_size, cfg.shift_average)
 
     next(phases)
     # Ranking is a few large matrix products: on a GPU it takes a fraction of the CPU's time.

@@ -3,10 +3,17 @@
 The embedding of either modality is its head's post-ReLU output, L2-normalised: what the paper's
 ranking loss compares. The shared classifier sees the same features after dropout, so its weights
 pull an image and its captions towards one class vector.
+
+Two optional parts serve the other methods and are absent (no parameters, no random draws, the
+plain :class:`DualPathOutput`) by default: a modality discriminator on the embeddings
+(``model.discriminator_dims``, seed 002) and a learned InfoNCE temperature (``logit_scale``, which
+the training loop attaches). The two-branch models of seed 003 extend this class
+(``imtext.models.methods``), and :func:`build_model` builds whichever ``model.method`` names.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -14,8 +21,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from imtext.config import ModelConfig
+from imtext.models.discriminator import ModalityDiscriminator
 from imtext.models.image import ImageBranch
 from imtext.models.text import TextCNN
+
+#: What sits between an embedding and the discriminator: the training loop passes a gradient
+#: reversal (``imtext.losses.grad_reverse``, which this layer may not import).
+Reverse = Callable[[torch.Tensor], torch.Tensor]
 
 
 class DualPathOutput(NamedTuple):
@@ -23,6 +35,29 @@ class DualPathOutput(NamedTuple):
     text_emb: torch.Tensor  # (M, D), L2-normalised
     image_logits: torch.Tensor  # (N, C)
     text_logits: torch.Tensor  # (M, C)
+
+
+class MethodOutput(NamedTuple):
+    """A training forward pass of a model with any of the optional parts.
+
+    ``image_emb`` (N, E) and ``text_emb`` (M, E) are L2-normalised (the two-branch models: the
+    branches' outputs); the logits are the shared instance classifier's on the encoders' features;
+    the rest is ``None`` unless the part is there: the discriminator's modality logits (N,) and
+    (M,), the learned 0-d InfoNCE log-scale, the similarity network's pair scores (P,).
+    """
+
+    image_emb: torch.Tensor
+    text_emb: torch.Tensor
+    image_logits: torch.Tensor
+    text_logits: torch.Tensor
+    image_modality: torch.Tensor | None = None
+    text_modality: torch.Tensor | None = None
+    log_scale: torch.Tensor | None = None
+    pair_scores: torch.Tensor | None = None
+
+
+def _detach(x: torch.Tensor) -> torch.Tensor:
+    return x.detach()
 
 
 class DualPathModel(nn.Module):
@@ -34,6 +69,13 @@ class DualPathModel(nn.Module):
         )
         self.dropout = nn.Dropout(cfg.dropout)
         self.classifier = nn.Linear(cfg.embed_dim, n_classes, bias=cfg.classifier_bias)
+        # Built after everything else, so that the parts above draw the same initial weights
+        # with or without it; None registers nothing (the state_dict stays the paper model's).
+        self.discriminator: nn.Module | None = None
+        if cfg.discriminator_dims:
+            self.discriminator = ModalityDiscriminator(cfg.embed_dim, tuple(cfg.discriminator_dims))
+        #: A ``LogitScale`` module when the loop trains with InfoNCE, else None.
+        self.logit_scale: nn.Module | None = None
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """Images (N, 3, H, W), normalised as in preprocessing -> (N, D), L2-normalised."""
@@ -43,16 +85,53 @@ class DualPathModel(nn.Module):
         """Word ids (M, L) int64 -> (M, D), L2-normalised."""
         return F.normalize(self.text(tokens), dim=1)
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> DualPathOutput:
-        """One training step's forward pass (DDP only synchronises what ``forward`` computes)."""
+    def forward(
+        self, images: torch.Tensor, tokens: torch.Tensor, reverse: Reverse | None = None
+    ) -> DualPathOutput | MethodOutput:
+        """One training step's forward pass (DDP only synchronises what ``forward`` computes).
+
+        Images (N, 3, H, W) and word ids (M, L). Without a discriminator or a logit scale this is
+        the paper's :class:`DualPathOutput`; with either, a :class:`MethodOutput` whose modality
+        logits read ``reverse(embedding)`` (default: detached, so the encoders get nothing).
+        """
         image_feat, text_feat = self.image(images), self.text(tokens)
-        return DualPathOutput(
+        out = DualPathOutput(
             F.normalize(image_feat, dim=1),
             F.normalize(text_feat, dim=1),
             self.classifier(self.dropout(image_feat)),
             self.classifier(self.dropout(text_feat)),
         )
+        if self.discriminator is None and self.logit_scale is None:
+            return out
+        return self.extras(*out, reverse=reverse)
+
+    def extras(
+        self,
+        image_emb: torch.Tensor,
+        text_emb: torch.Tensor,
+        image_logits: torch.Tensor,
+        text_logits: torch.Tensor,
+        reverse: Reverse | None = None,
+        pair_scores: torch.Tensor | None = None,
+    ) -> MethodOutput:
+        """A :class:`MethodOutput` of the given tensors plus the optional parts' outputs."""
+        image_modality = text_modality = None
+        if self.discriminator is not None:
+            reverse = reverse or _detach
+            image_modality = self.discriminator(reverse(image_emb))
+            text_modality = self.discriminator(reverse(text_emb))
+        log_scale = self.logit_scale() if self.logit_scale is not None else None
+        return MethodOutput(
+            image_emb, text_emb, image_logits, text_logits,
+            image_modality, text_modality, log_scale, pair_scores,
+        )  # fmt: skip
 
 
 def build_model(cfg: ModelConfig, vocab_size: int, n_classes: int) -> DualPathModel:
-    return DualPathModel(cfg, vocab_size, n_classes)
+    """The model of ``cfg.method``: a :class:`DualPathModel` or one of its two-branch extensions."""
+    if cfg.method == "dual_path":
+        return DualPathModel(cfg, vocab_size, n_classes)
+    # Imported here: the extensions subclass DualPathModel, so they import this module.
+    from imtext.models.methods import build_method_model
+
+    return build_method_model(cfg, vocab_size, n_classes)

@@ -16,13 +16,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from imtext.config import ModelConfig, config_from_dict, config_to_dict
+from imtext.config import (
+    MODEL_METHOD_DEFAULTS,
+    ModelConfig,
+    config_from_dict,
+    config_to_dict,
+    with_method_defaults,
+)
 from imtext.errors import ImtextError
+from imtext.losses.contrastive import LogitScale
 from imtext.models.dual_path import DualPathModel, build_model
 
 CHECKPOINT_FILE = "checkpoint.pt"
 MODEL_FILE = "model.pt"
 FORMAT = 1
+#: The state_dict entry of a learned InfoNCE temperature (``LogitScale`` on the model).
+LOGIT_SCALE_KEY = "logit_scale.log_scale"
 
 
 def save_atomic(obj: dict[str, Any], path: Path) -> None:
@@ -106,12 +115,20 @@ def model_record(
 
 
 def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[DualPathModel, dict]:
-    """Rebuild a model from a model file (``model.pt``) or a checkpoint; returns it in eval mode
-    with the file's other entries."""
+    """Rebuild a model of any ``model.method`` from a model file (``model.pt``) or a checkpoint;
+    returns it in eval mode with the file's other entries.
+
+    Files written before the method fields existed read as ``dual_path`` (the record's
+    ``model_config`` is returned completed). A learned InfoNCE temperature in the file is
+    attached as ``model.logit_scale`` (it plays no part in retrieval).
+    """
     record = load_file(path, "model file")
+    record["model_config"] = with_method_defaults(record["model_config"], MODEL_METHOD_DEFAULTS)
     model_cfg = config_from_dict(ModelConfig, record["model_config"], f"{path}: model_config")
     # Weights come from the file: never reload the backbone's ImageNet file from its old path.
     model_cfg = dataclasses.replace(model_cfg, image_weights=None, word2vec=None)
     model = build_model(model_cfg, record["vocab_size"], record["n_classes"])
+    if LOGIT_SCALE_KEY in record["state_dict"]:
+        model.logit_scale = LogitScale()
     model.load_state_dict(record["state_dict"])
     return model.to(device).eval(), record

@@ -9,6 +9,7 @@ from the last one. The loop reports through ``log(metrics, step)`` and knows not
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -24,18 +25,28 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.profiler import record_function
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
-from imtext.config import ModelConfig, TrainConfig, config_from_dict, config_to_dict
+from imtext.config import (
+    MODEL_METHOD_DEFAULTS,
+    TRAIN_METHOD_DEFAULTS,
+    ModelConfig,
+    TrainConfig,
+    check_method,
+    config_from_dict,
+    config_to_dict,
+    with_method_defaults,
+)
 from imtext.data.datasets import InstanceTrainDataset, train_transform
 from imtext.data.store import PreparedSplit, read_vocabulary
 from imtext.data.text import random_shift
 from imtext.errors import ConfigError, DataError, ImtextError
 from imtext.eval.metrics import retrieval_metrics
 from imtext.losses import (
+    LogitScale,
     dual_path_loss,
     hardest_negative_indices,
     instance_loss,
+    modality_loss,
     paired_ranking_loss,
-    ranking_loss,
 )
 from imtext.models.dual_path import DualPathModel, build_model
 from imtext.models.word2vec import init_word_embedding, read_word_vectors
@@ -50,9 +61,19 @@ from imtext.train.checkpoint import (
     save_atomic,
     set_rng_state,
 )
-from imtext.train.features import embed_captions, embed_images
+from imtext.train.methods import (
+    Batch,
+    NeighbourhoodDataset,
+    batch_of,
+    epoch_neighbourhood_batches,
+    forward_kwargs,
+    ranking_term,
+    reversal_coefficient,
+    with_negative_pairs,
+)
 from imtext.train.sampling import sample_candidates
 from imtext.train.schedule import build_optimizer, parameter_groups, set_epoch_lr
+from imtext.train.scoring import retrieval_inputs
 
 Log = Callable[[dict[str, float], int], None]
 logger = logging.getLogger("imtext.train")
@@ -79,12 +100,7 @@ class RunState:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-@dataclass
-class Batch:
-    images: torch.Tensor  # (B, 3, H, W)
-    tokens: torch.Tensor  # (B, L): texts in the order the loss expects
-    image_labels: torch.Tensor  # (B,)
-    text_labels: torch.Tensor  # (B,)
+__all__ = ["Batch", "step_losses", "train_stage", "validate"]
 
 
 # ---------------------------------------------------------------------------- per-step pieces
@@ -138,13 +154,24 @@ def mined_batch(
 
 
 def step_losses(out: Any, batch: Batch, cfg: TrainConfig, device: torch.device) -> dict:
-    """Loss terms of one step; ``total`` is what is minimised."""
+    """Loss terms of one step; ``loss`` is what is minimised.
+
+    ``loss = λ_r·rank + λ_i·inst_image + λ_t·inst_text`` (``loss_weights``), where ``rank`` is
+    the term of ``cfg.ranking`` (``imtext.train.methods``), ``+ adversarial_weight·adv`` when the
+    model has a modality discriminator. The paper's model gets exactly the four terms it always
+    had; the other methods add theirs (``adv``, ``temperature``, ``rank_t2i`` ...) for the logs.
+    """
     image_labels = batch.image_labels.to(device)
     text_labels = batch.text_labels.to(device)
+    image_logits = out.image_logits.float()
+    if batch.caption_slot is not None:
+        # Several captions per image: each image's term counts once per caption, row by row.
+        image_logits, image_labels = image_logits[batch.caption_slot.to(device)], text_labels
     image_inst, text_inst = instance_loss(
-        out.image_logits.float(), out.text_logits.float(), image_labels, text_labels
+        image_logits, out.text_logits.float(), image_labels, text_labels
     )
     image_emb, text_emb = out.image_emb.float(), out.text_emb.float()
+    parts: dict[str, torch.Tensor] = {}
     if cfg.loss_weights[0] == 0:
         rank = image_emb.new_zeros(())
     elif cfg.ranking.startswith("paired"):
@@ -153,10 +180,15 @@ def step_losses(out: Any, batch: Batch, cfg: TrainConfig, device: torch.device) 
             image_emb[:half], text_emb[:half], text_emb[half:], image_emb[half:], cfg.margin
         )
     else:
-        hardest = cfg.ranking == "batch_hardest"
-        rank = ranking_loss(image_emb, text_emb, cfg.margin, hardest=hardest, labels=image_labels)
+        rank, parts = ranking_term(out, batch, cfg, device)
     total = dual_path_loss(rank, image_inst, text_inst, tuple(cfg.loss_weights))
-    return {"loss": total, "rank": rank, "inst_image": image_inst, "inst_text": text_inst}
+    losses = {"loss": total, "rank": rank, "inst_image": image_inst, "inst_text": text_inst}
+    if getattr(out, "image_modality", None) is not None:
+        # Always in the sum, at weight 0 too: every parameter then gets a gradient (DDP needs it).
+        adv = modality_loss(out.image_modality.float(), out.text_modality.float())
+        losses["loss"] = total + cfg.adversarial_weight * adv
+        losses["adv"] = adv
+    return {**losses, **parts}
 
 
 def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -192,6 +224,10 @@ class EpochStats:
         }
 
 
+def _to(kwargs: dict, device: torch.device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+
+
 def _timed(loader: DataLoader, stats: EpochStats) -> Iterator[dict[str, torch.Tensor]]:
     """Yield the loader's batches, adding the time spent waiting for each to ``stats``."""
     iterator = iter(loader)
@@ -223,18 +259,26 @@ def train_one_epoch(
     model.train()
     stats = EpochStats()
     start = time.perf_counter()
+    has_discriminator = core.discriminator is not None
     for items in _timed(loader, stats):
         # The labels let a profiler split a step into data, mining, model and the rest.
         with record_function("imtext.mining"):
             if cfg.loss_weights[0] > 0 and cfg.ranking.startswith("paired"):
                 batch = mined_batch(core, items, train, cfg, rng, device)
             else:
-                batch = Batch(items["image"], items["tokens"], items["label"], items["label"])
+                batch = batch_of(items)
+            if cfg.ranking == "logistic":
+                batch = with_negative_pairs(batch, cfg.negatives_per_positive, rng)
+        lam = reversal_coefficient(state.step, len(loader), cfg) if has_discriminator else 0.0
+        kwargs = forward_kwargs(batch, cfg, has_discriminator, lam)
         with autocast_for(device, cfg.precision):
             with record_function("imtext.forward"):
-                out = model(batch.images.to(device, non_blocking=True), batch.tokens.to(device))
+                images = batch.images.to(device, non_blocking=True)
+                out = model(images, batch.tokens.to(device), **_to(kwargs, device))
             with record_function("imtext.loss"):
                 losses = step_losses(out, batch, cfg, device)
+        if has_discriminator:
+            losses["adv_lambda"] = losses["loss"].new_tensor(lam)
         if not torch.isfinite(losses["loss"]):
             raise ImtextError(
                 f"the loss became {losses['loss'].item()} at step {state.step}; lower the "
@@ -252,6 +296,8 @@ def train_one_epoch(
                 scaler.update()
             else:
                 optimizer.step()
+        if core.logit_scale is not None:
+            core.logit_scale.clamp_()  # keeps the temperature where the loss's clamp is a no-op
         # One device-to-host copy for all terms, not one per term.
         values = dict(
             zip(losses, torch.stack([v.detach() for v in losses.values()]).tolist(), strict=True)
@@ -279,10 +325,12 @@ def validate(
     flip_average: bool = False,
     shift_average: bool = False,
 ) -> dict[str, float]:
-    """Recall on ``split`` (the whole split as one gallery)."""
+    """Recall on ``split`` (the whole split as one gallery), by embeddings or, for the similarity
+    network, by the scores of every pair (``imtext.train.scoring``)."""
     with record_function("imtext.validate"):
-        images = embed_images(core, split, image_size, device, flip_average=flip_average)
-        texts = embed_captions(core, split, device, shift_average=shift_average)
+        images, texts = retrieval_inputs(
+            core, split, image_size, device, flip_average=flip_average, shift_average=shift_average
+        )
     return retrieval_metrics(images, texts, split.caption_image)
 
 
@@ -309,16 +357,58 @@ def _initial_model(
             f"{n_classes}; start from a model trained on the same prepared data"
         )
     cfg = config_from_dict(ModelConfig, record["model_config"], f"{init}: model_config")
-    if cfg != model_cfg:
-        logger.warning(
-            "using the architecture stored in %s, not the 'model' section of params", init
-        )
+    if cfg == model_cfg:
+        return model, cfg
+    if _encoder_fields(cfg) == _encoder_fields(model_cfg):
+        return _transferred(model, model_cfg, len(vocab), n_classes, init), model_cfg
+    logger.warning("using the architecture stored in %s, not the 'model' section of params", init)
     return model, cfg
 
 
+def _encoder_fields(cfg: ModelConfig) -> dict[str, Any]:
+    """The settings of the dual-path encoders and classifier (not of what sits on them)."""
+    return {k: v for k, v in config_to_dict(cfg).items() if k not in MODEL_METHOD_DEFAULTS}
+
+
+def _transferred(
+    source: DualPathModel, model_cfg: ModelConfig, vocab_size: int, n_classes: int, init: Path
+) -> DualPathModel:
+    """A model of ``model_cfg`` whose encoders (and every other part ``source`` shares with it)
+    start from ``source``'s weights: e.g. two-branch networks or a discriminator on a trained
+    dual-path model. Parts only the new model has start from their initialisation."""
+    built = dataclasses.replace(model_cfg, image_weights=None, word2vec=None)
+    model = build_model(built, vocab_size, n_classes)
+    old, new = source.state_dict(), model.state_dict()
+    shared = {k: v for k, v in old.items() if k in new and new[k].shape == v.shape}
+    model.load_state_dict(shared, strict=False)
+    fresh = sorted({k.split(".")[0] for k in new.keys() - shared.keys()})
+    dropped = sorted({k.split(".")[0] for k in old.keys() - shared.keys()})
+    logger.info(
+        "%s: encoders loaded into a %s model; new parts %s, parts left out %s",
+        init, model_cfg.method, fresh or "none", dropped or "none",
+    )  # fmt: skip
+    model.logit_scale = source.logit_scale
+    return model
+
+
+def _attach_logit_scale(model: DualPathModel, cfg: TrainConfig) -> None:
+    """InfoNCE's learned temperature lives on the model (optimiser, checkpoint, DDP see it); it
+    continues from the init model's when that has one. Other losses train without it."""
+    if cfg.ranking == "infonce" and cfg.loss_weights[0] > 0:
+        if model.logit_scale is None:
+            model.logit_scale = LogitScale(cfg.init_temperature)
+    else:
+        model.logit_scale = None
+
+
 def _check_resumable(record: dict, model_cfg: ModelConfig, cfg: TrainConfig, path: Path) -> None:
-    saved = {**record["train_config"], "epochs": cfg.epochs, "patience": cfg.patience}
-    if record["model_config"] != config_to_dict(model_cfg) or saved != config_to_dict(cfg):
+    saved = {
+        **with_method_defaults(record["train_config"], TRAIN_METHOD_DEFAULTS),
+        "epochs": cfg.epochs,
+        "patience": cfg.patience,
+    }
+    saved_model = with_method_defaults(record["model_config"], MODEL_METHOD_DEFAULTS)
+    if saved_model != config_to_dict(model_cfg) or saved != config_to_dict(cfg):
         raise ConfigError(
             f"{path}: this checkpoint was written with other settings; resume with the same "
             "params (only epochs and patience may change), or choose a new output directory"
@@ -327,6 +417,8 @@ def _check_resumable(record: dict, model_cfg: ModelConfig, cfg: TrainConfig, pat
 
 def _loader(dataset, cfg: TrainConfig, info: distributed.Dist, epoch: int) -> DataLoader:
     generator = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch))
+    if cfg.sentences_per_image > 1:
+        return _neighbourhood_loader(dataset, cfg, info, epoch, generator)
     if info.world_size > 1:
         sampler = DistributedSampler(
             dataset, info.world_size, info.rank, shuffle=True, seed=cfg.seed, drop_last=True
@@ -340,6 +432,28 @@ def _loader(dataset, cfg: TrainConfig, info: distributed.Dist, epoch: int) -> Da
         sampler=sampler,
         num_workers=cfg.workers,
         drop_last=True,
+        generator=generator,
+        pin_memory=info.device.type == "cuda",
+        persistent_workers=False,
+    )
+
+
+def _neighbourhood_loader(
+    dataset: InstanceTrainDataset,
+    cfg: TrainConfig,
+    info: distributed.Dist,
+    epoch: int,
+    generator: torch.Generator,
+) -> DataLoader:
+    """The epoch's neighbourhood batches (one loader item each), this process's share of them."""
+    seed = epoch_seed(cfg.seed, epoch)  # without the rank: every process draws the same epoch
+    batches = epoch_neighbourhood_batches(dataset.split, cfg, seed, info.rank, info.world_size)
+    items = NeighbourhoodDataset(dataset.split, dataset.transform, dataset.shift, batches, seed)
+    return DataLoader(
+        items,
+        batch_size=None,
+        shuffle=False,  # the batches come shuffled
+        num_workers=cfg.workers,
         generator=generator,
         pin_memory=info.device.type == "cuda",
         persistent_workers=False,
@@ -366,6 +480,7 @@ def train_stage(
     ``init`` is a model file to start from (Stage II starts from Stage I's ``model.pt``).
     """
     out_dir = Path(out_dir)
+    check_method(model_cfg, cfg, stage)
     info = distributed.setup(device)
     try:
         return _train_stage(
@@ -389,6 +504,8 @@ def _train_stage(stage, model_cfg, cfg, prepared, out_dir, init, resume, info, l
         )
     torch.manual_seed(cfg.seed)
     model, model_cfg = _initial_model(model_cfg, init, vocab, n_classes)
+    check_method(model_cfg, cfg, f"{stage} (model of {init})")
+    _attach_logit_scale(model, cfg)
     model.to(info.device)
     groups = parameter_groups(model, cfg)
     model.image.freeze_backbone(cfg.backbone_lr_mult == 0)
@@ -426,7 +543,7 @@ def _train_stage(stage, model_cfg, cfg, prepared, out_dir, init, resume, info, l
     dataset = InstanceTrainDataset(
         train, train_transform(model_cfg.image_size, cfg.hflip, cfg.crop_scale), cfg.text_shift
     )
-    steps_per_epoch = train.n_images // (cfg.batch_size * info.world_size)
+    steps_per_epoch = len(_loader(dataset, cfg, info, state.epoch))
     if info.is_main:
         logger.info(
             "%s: %d training images, %d instances, %d steps per epoch, %d epochs on %s%s",
