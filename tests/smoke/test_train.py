@@ -57,6 +57,18 @@ def test_pretrain_writes_model_metrics_history_and_logs(pretrained):
     assert {line["stage"] for line in lines} == {"pretrain"} and lines[-1]["epoch"] == 2
 
 
+def test_the_same_run_writes_the_same_model_file_byte_for_byte(pretrained, tiny_prepared, tmp_path):
+    # DVC hashes model.pt: wall-clock numbers in it would make every rerun look like a change.
+    again = tmp_path / "again"
+    params = tiny_params(tmp_path / "params.yaml")
+    result = imtext(
+        "pretrain", "--prepared", tiny_prepared, "--out", again, "--params", params,
+        "--device", "cpu",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert (again / "model.pt").read_bytes() == (pretrained / "model.pt").read_bytes()
+
+
 def test_finetune_starts_from_pretrain_and_trains_the_ranking_loss(
     pretrained, tiny_prepared, tmp_path
 ):

@@ -669,10 +669,20 @@ def _save_model(core, model_cfg, vocab_size, n_classes, cfg, stage, epoch, metri
             stage=stage,
             epoch=epoch,
             train_config=config_to_dict(cfg),
-            metrics=metrics,
+            metrics=reproducible_metrics(metrics),
         ),
         out_dir / MODEL_FILE,
     )
+
+
+#: Wall-clock measurements: they differ between identical runs.
+TIMING_METRICS = ("train_samples_per_s", "train_data_share")
+
+
+def reproducible_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """``metrics`` without the wall-clock entries, so the same run writes the same model file
+    byte for byte (DVC hashes it; the timings stay in history.json and metrics.json)."""
+    return {k: v for k, v in metrics.items() if k not in TIMING_METRICS}
 
 
 def _stage_metrics(state: RunState) -> dict[str, float]:
