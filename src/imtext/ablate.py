@@ -302,7 +302,7 @@ def table_markdown(
 ) -> str:
     """The markdown table (mean ± std over seeds) with each configuration's description and the
     requested contrasts."""
-    head = ["configuration", "stages", *(k.replace("_r", " R@") for k in METRICS), "train min"]
+    head = ["configuration", "stages", *(k.replace("_r", " R@") for k in METRICS), "wall min"]
     lines = [
         f"# Ablation (test split, mean ± std over seeds {', '.join(map(str, seeds))})",
         "",
@@ -316,7 +316,9 @@ def table_markdown(
         minutes = f"{s['train_seconds'][0] / 60:.1f}"
         lines.append(f"| {s['config']} | {stages} | " + " | ".join(cells) + f" | {minutes} |")
     lines += ["", "R@K in percent; rsum = sum of the six. Seeds per row: "
-              + ", ".join(f"{s['config']} {s['seeds']}" for s in summary) + ".", ""]  # fmt: skip
+              + ", ".join(f"{s['config']} {s['seeds']}" for s in summary) + ". wall min: mean "
+              "wall-clock minutes of training, as measured (on a shared machine it includes "
+              "waiting for the CPU).", ""]  # fmt: skip
     if plan.contrasts:
         lines += ["## Contrasts (per-seed difference of rsum, same seeds)", ""]
         for a, b in plan.contrasts:
