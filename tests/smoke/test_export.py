@@ -27,6 +27,7 @@ CFG = ExportConfig(
 ONNX_FILES = {
     "image_encoder.onnx",
     "text_encoder.onnx",
+    "pair_scorer.onnx",
     "image_encoder.int8.onnx",
     "text_encoder.int8.onnx",
 }
@@ -185,16 +186,70 @@ def test_an_opset_the_exporter_cannot_write_is_a_config_error(model, tmp_path):
     assert not (tmp_path / "t").exists()
 
 
-def test_a_model_without_embeddings_is_refused_before_anything_is_written(tiny_prepared, tmp_path):
+@pytest.fixture(scope="module")
+def similarity_model_file(tiny_prepared: Path, tmp_path_factory) -> Path:
+    """An untrained similarity network (a fixed seed) on the tiny data: its scores are not dot
+    products of anything, which is what the export must preserve."""
     from imtext.config import ModelConfig
     from imtext.models.dual_path import build_model
     from imtext.train.checkpoint import model_record, save_atomic
     from tests.conftest import TINY_MODEL
 
-    cfg = ModelConfig(**{**TINY_MODEL, "method": "similarity"})
+    torch.manual_seed(0)
+    cfg = ModelConfig(**{**TINY_MODEL, "method": "similarity", "fusion_dims": [8]})
     vocab_size = len(read_vocabulary(tiny_prepared))
-    path = tmp_path / "model.pt"
+    path = tmp_path_factory.mktemp("similarity") / "model.pt"
     save_atomic(model_record(build_model(cfg, vocab_size, 48), cfg, vocab_size, 48), path)
-    with pytest.raises(ImtextError, match="no embedding"):
-        export(CFG, path, tiny_prepared, tmp_path / "export")
-    assert not (tmp_path / "export").exists()
+    return path
+
+
+def test_the_similarity_network_exports_codes_and_its_pair_scorer(
+    similarity_model_file, tiny_prepared, test_split, tmp_path
+):
+    from imtext.train.scoring import score_split
+
+    cfg = ExportConfig(**{**CFG.__dict__, "quantize": False})
+    out = tmp_path / "export"
+    messages: list[str] = []
+    metrics = export(cfg, similarity_model_file, tiny_prepared, out, log=messages.append)
+    assert messages[-1] == "export: passed"
+    assert any("cannot be indexed" in m for m in messages)
+    spec = json.loads((out / "preprocess.json").read_text())
+    assert spec["similarity"] == "network" and spec["pair_scorer"] == "pair_scorer.onnx"
+    assert "NOT embeddings" in spec["notes"]["output"]
+    parity = json.loads((out / "parity.json").read_text())
+    assert parity["passed"] and parity["similarity"] == "network"
+    assert parity["parity"]["scorer"]["count"] == 2 * test_split.n_captions
+    assert metrics["parity_max_abs_diff_scorer"] <= cfg.parity_tolerance
+
+    # The ONNX path scores every pair as PyTorch's evaluation does (score_split), so its recall
+    # is the evaluation's; a dot product of the codes is a different ranking.
+    model, _ = load_model(similarity_model_file)
+    torch_scores = score_split(model, test_split, 32, torch.device("cpu")).numpy()
+    encoders = OnnxEncoders.load(out)
+    assert not encoders.indexable
+    images = [test_split.image(row) for row in range(test_split.n_images)]
+    image_codes = encoders.embed_images(images)
+    text_codes = encoders.embed_texts(list(test_split.captions))
+    onnx_scores = encoders.score_code_matrix(image_codes, text_codes)
+    # The client path (Pillow resizing) differs from eval_transform by a few uint8 levels.
+    np.testing.assert_allclose(onnx_scores, torch_scores, atol=1e-2)
+    assert not np.allclose(image_codes @ text_codes.T, onnx_scores, atol=1e-2)
+    assert metrics["onnx_rsum"] == pytest.approx(metrics["torch_rsum"], abs=cfg.recall_tolerance)
+    # score_pairs is the diagonal of the matrix, row by row.
+    pairs = encoders.score_pairs(images[:3], list(test_split.captions[:3]))
+    np.testing.assert_allclose(pairs, np.diag(onnx_scores[:3, :3]), atol=1e-5)
+
+
+def test_an_embedding_export_scores_pairs_by_dot_product(exported, test_split):
+    out, metrics = exported
+    encoders = OnnxEncoders.load(out)
+    assert encoders.indexable
+    assert json.loads((out / "preprocess.json").read_text())["similarity"] == "dot"
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(2, 5, 16)).astype(np.float32)
+    np.testing.assert_allclose(encoders.score_code_pairs(a, b), (a * b).sum(1), rtol=1e-5)
+    np.testing.assert_allclose(encoders.score_code_matrix(a, b), a @ b.T, rtol=1e-5)
+    assert metrics["parity_max_abs_diff_scorer"] <= CFG.parity_tolerance
+    with pytest.raises(InputError, match="same shape"):
+        encoders.score_code_pairs(a, b[:3])

@@ -129,7 +129,11 @@ def test_spec_round_trips_through_json_and_describes_the_training_preprocessing(
     assert spec.image.mean == IMAGENET_MEAN and spec.image.std == IMAGENET_STD
     assert (spec.text.pad_id, spec.text.unk_id, spec.text.vocabulary) == (0, 1, "vocab.json")
     assert spec.image.scale == pytest.approx(1 / 255)
-    assert set(spec.notes) == {"image", "text", "output"}
+    assert set(spec.notes) == {"image", "text", "output", "pair_scorer"}
+    assert (spec.similarity, spec.pair_scorer) == ("dot", "pair_scorer.onnx")
+    network = export_spec(32, 32, 16, int8=False, similarity="network")
+    assert "NOT embeddings" in network.notes["output"]
+    assert ExportSpec.from_dict(network.to_dict(), "p.json") == network
 
 
 def test_spec_rejects_other_versions_and_missing_keys():
@@ -140,6 +144,10 @@ def test_spec_rejects_other_versions_and_missing_keys():
         ExportSpec.from_dict(
             {**values, "image": {**values["image"], "resize_passes": "one_pass"}}, "x"
         )
+    with pytest.raises(InputError, match="similarity 'cosine' is not supported"):
+        ExportSpec.from_dict({**values, "similarity": "cosine"}, "x.json")
+    with pytest.raises(InputError, match="similarity 'network' needs a pair_scorer"):
+        ExportSpec.from_dict({**values, "similarity": "network", "pair_scorer": None}, "x.json")
     with pytest.raises(InputError, match="x.json: not an imtext preprocess file"):
         ExportSpec.from_dict({k: v for k, v in values.items() if k != "text"}, "x.json")
 

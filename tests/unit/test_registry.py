@@ -46,6 +46,8 @@ IMAGE_SIZE = 16
 MAX_LEN = 6
 VOCAB = ["<pad>", "<unk>", "a", "red", "blue", "square", "circle", "on", "grey"]
 GIT_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+#: The stand-in similarity network's weights (not all equal: its score is not a dot product).
+WEIGHTS = np.linspace(-1.0, 2.0, EMBED_DIM, dtype=np.float32)
 PARAMS = {
     "finetune": {"lr": 0.001, "epochs": 2, "loss_weights": [2.0, 1.0, 0.1], "patience": None},
     "register": {"gate_metric": "rsum"},
@@ -55,7 +57,7 @@ PARAMS = {
 # ---------------------------------------------------------------- tiny upstream outputs
 
 
-def write_onnx_encoders(out: Path, seed: int = 0) -> Path:
+def write_onnx_encoders(out: Path, seed: int = 0, network: bool = False) -> Path:
     """``image_encoder.onnx`` and ``text_encoder.onnx`` with the export stage's inputs and output
     names: ``images`` float32 [N,3,H,W] / ``tokens`` int64 [N,L] -> ``embeddings`` [N,D], L2-normed.
     """
@@ -100,10 +102,31 @@ def write_onnx_encoders(out: Path, seed: int = 0) -> Path:
         [words],
         "text_encoder",
     )
+    if network:  # a stand-in similarity network: a weighted sum of the codes' product
+        weights = numpy_helper.from_array(WEIGHTS, "weights")
+        scores = helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N"])
+        graph = helper.make_graph(
+            [
+                helper.make_node("Mul", ["image_codes", "text_codes"], ["product"]),
+                helper.make_node("MatMul", ["product", "weights"], ["scores"]),
+            ],
+            "pair_scorer",
+            [
+                helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", EMBED_DIM])
+                for name in ("image_codes", "text_codes")
+            ],
+            [scores],
+            initializer=[weights],
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 8
+        onnx.save(model, out / "pair_scorer.onnx")
     spec = ExportSpec(
         image=ImageSpec(size=IMAGE_SIZE, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)),
         text=TextSpec(max_len=MAX_LEN),
         embed_dim=EMBED_DIM,
+        similarity="network" if network else "dot",
+        pair_scorer="pair_scorer.onnx" if network else None,
     )
     (out / "preprocess.json").write_text(json.dumps(spec.to_dict()))
     (out / "vocab.json").write_text(json.dumps({"words": VOCAB}))
@@ -168,6 +191,7 @@ class Stages:
         self.root = root
         self.train = write_train_dir(root / "finetune")
         self.export = write_onnx_encoders(root / "export")
+        self.network_export = write_onnx_encoders(root / "network-export", network=True)
         self.data_dvc = root / "data.dvc"
         self.data_dvc.write_text(
             "outs:\n- md5: 91720f6acf9fdd68854db09bf69fde34.dir\n  size: 1\n  path: data\n"
@@ -177,13 +201,13 @@ class Stages:
         out = self.root / f"evaluate-{rsum}"
         return out if out.exists() else write_eval_dir(out, rsum)
 
-    def register(self, cfg: RegisterConfig, rsum: float, **kwargs):
+    def register(self, cfg: RegisterConfig, rsum: float, network: bool = False, **kwargs):
         return register(
             cfg,
             params=PARAMS,
             train_dir=self.train,
             eval_dir=self.evaluation(rsum),
-            export_dir=self.export,
+            export_dir=self.network_export if network else self.export,
             data_dvc=self.data_dvc,
             **kwargs,
         )
@@ -261,6 +285,7 @@ def test_register_logs_run_and_tags_version(cfg, stages, workdir):
         "imtext.params_sha256": params_sha256(PARAMS),
         "imtext.gate_metric": "rsum",
         "imtext.gate_value": "60.0",
+        "imtext.similarity": "dot",
     }
     assert expected_tags.items() <= version.tags.items()
 
@@ -424,8 +449,17 @@ def test_champion_loads_and_embeds_texts_and_images(cfg, stages, monkeypatch):
     np.testing.assert_allclose(np.linalg.norm(images, axis=1), 1.0, atol=1e-4)
     from mlflow.exceptions import MlflowException
 
-    with pytest.raises(MlflowException, match="exactly one of the columns"):
-        model.predict(pd.DataFrame({"text": ["a"], "image": [png_bytes((1, 2, 3))]}))
+    # Both columns: each row is a pair, scored by the dot product of its embeddings.
+    pair_images = [png_bytes((200, 0, 0)), png_bytes((0, 0, 200), (9, 9))]
+    pairs = model.predict(pd.DataFrame({"image": pair_images, "text": ["a blue circle", "a"]}))
+    one_by_one = [
+        model.predict(pd.DataFrame({"image": [im]}))[0] @ model.predict({"text": [tx]})[0]
+        for im, tx in zip(pair_images, ["a blue circle", "a"], strict=True)
+    ]
+    assert pairs.shape == (2, 1)
+    np.testing.assert_allclose(pairs[:, 0], one_by_one, atol=1e-5)
+    with pytest.raises(MlflowException, match="expected the column 'text'"):
+        model.predict(pd.DataFrame({"caption": ["a"]}))
     with pytest.raises(MlflowException, match="text 0: no words"):
         model.predict(pd.DataFrame({"text": ["?!"]}))
     with pytest.raises(MlflowException, match="image row 0: not a PNG or JPEG"):
@@ -437,6 +471,43 @@ def test_champion_loads_and_embeds_texts_and_images(cfg, stages, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", cfg.tracking_uri)
     served = mlflow.pyfunc.load_model(f"models:/{cfg.model_name}@champion")
     np.testing.assert_allclose(served.predict({"text": ["a red square"]}), texts[:1], atol=1e-6)
+
+
+def test_a_similarity_network_scores_pairs_and_never_replaces_an_embedding_champion(cfg, stages):
+    from mlflow.exceptions import MlflowException
+
+    stages.register(cfg, 60.0)
+    promote(cfg, 1)
+    network = stages.register(cfg, 90.0, network=True)
+    client = client_for(cfg)
+    assert client.get_model_version(cfg.model_name, "2").tags["imtext.similarity"] == "network"
+    assert not preview_promotion(cfg, 2).promoted  # the pipeline's gate sees it too
+    decision = promote(cfg, 2)
+    assert not decision.promoted and decision.incompatible
+    assert "'network' (pair scores only)" in decision.reason
+    assert f"e.g. {cfg.model_name}-network" in decision.reason
+    with pytest.raises(ConfigError, match="cannot force version 2"):
+        promote(cfg, 2, force_reason="it is better")
+    assert champion_of(cfg) == "1"
+    assert client.get_model_version(cfg.model_name, "2").tags["promotion.decision"] == "refused"
+
+    # Under a name of its own it is the champion, and it answers pairs only.
+    own = make_cfg(cfg.tracking_uri, model_name=f"{cfg.model_name}-network")
+    stages.register(own, 90.0, network=True)
+    assert promote(own, 1).promoted
+    model = load_champion(own.model_name, tracking_uri=cfg.tracking_uri)
+    with pytest.raises(MlflowException, match="similarity network: it scores .* pairs"):
+        model.predict(pd.DataFrame({"text": ["a red square"]}))
+    images = [png_bytes((200, 0, 0)), png_bytes((0, 200, 0))]
+    scores = model.predict(pd.DataFrame({"image": images, "text": ["a red square", "a"]}))
+    from imtext.export.runtime import OnnxEncoders
+
+    encoders = OnnxEncoders.load(stages.network_export)
+    codes = encoders.embed_images([Image.open(io.BytesIO(b)) for b in images])
+    text_codes = encoders.embed_texts(["a red square", "a"])
+    np.testing.assert_allclose(scores[:, 0], (codes * text_codes) @ WEIGHTS, rtol=1e-5)
+    assert not np.allclose(scores[:, 0], (codes * text_codes).sum(1))
+    assert network.version == "2"
 
 
 def test_load_champion_without_a_champion_says_so(cfg, stages):

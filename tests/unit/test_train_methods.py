@@ -199,11 +199,11 @@ def test_model_files_from_before_the_methods_load_as_dual_path(tmp_path):
     assert record["model_config"] == expected  # completed for its readers
 
 
-def test_the_similarity_network_has_no_embedding_to_export():
+def test_the_similarity_network_has_no_embedding():
     model = tiny(method="similarity").eval()
     images, tokens = inputs()
     for encode, x in ((model.encode_image, images), (model.encode_text, tokens)):
-        with pytest.raises(NoEmbeddingError, match="no embedding to index, export"):
+        with pytest.raises(NoEmbeddingError, match="has no embedding: a dot product"):
             encode(x)
 
 

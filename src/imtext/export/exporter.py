@@ -7,6 +7,7 @@ Output directory (written into a temporary sibling, swapped in at the end):
 | ``image_encoder.onnx`` | input ``images`` float32 (N, 3, S, S) -> ``embeddings`` (N, D), L2-normalised |
 | ``text_encoder.onnx`` | input ``tokens`` int64 (N, L) -> ``embeddings`` (N, D), L2-normalised |
 | ``*.int8.onnx`` | with ``export.quantize``: both, INT8 dynamic quantization (weights int8, CPU) |
+| ``pair_scorer.onnx`` | ``image_codes``, ``text_codes`` (N, D) -> ``scores`` (N,): a dot product, or the similarity network's fusion |
 | ``preprocess.json``, ``vocab.json`` | what a client needs to build the inputs (``imtext.export.runtime``) |
 | ``parity.json`` | every check below, its tolerance and the provider it ran on |
 | ``metrics.json`` | the returned numbers (DVC metrics) |
@@ -15,12 +16,20 @@ Only the batch axis is dynamic: S is the training crop and L the training ``max_
 max-pools over every position, padding included, so another L would change the embedding). Each
 file embeds its weights (protobuf's 2 GB limit is far above the largest ResNet-152 model).
 
+The similarity network (``model.method: similarity``) has no embedding: its encoders export the two
+branches' codes, ``pair_scorer.onnx`` its fusion layers, and ``preprocess.json`` says
+``similarity: network`` (``imtext.export.runtime``: nothing can be indexed, a query is scored
+against every candidate). Every other method exports embeddings (``similarity: dot``).
+
 Checks, on every image and caption of ``export.recall_split``:
 
 1. parity: max |ONNX Runtime - PyTorch| over the embeddings, for batches of up to
    :data:`PARITY_BATCH` and for single items (the dynamic axis at 1 and above), both encoders fed
    the same tensors (``eval_transform`` images and the prepared tokens);
-2. recall: ``rsum`` from the ONNX embeddings against ``rsum`` from the PyTorch ones;
+   and max |ONNX - PyTorch| of the pair scorer on one positive and one negative pair per
+   caption (the PyTorch codes fed to both);
+2. recall: ``rsum`` from the ONNX encoders and scorer against ``rsum`` from PyTorch's (scores:
+   dot products, or every pair through the scorer);
 3. client path: the runtime's own preprocessing of the raw images and captions. Its tokens must equal
    the prepared ones exactly; its image difference to ``eval_transform`` (at most a few uint8 levels,
    from Pillow's and torchvision's rounding) and its rsum are recorded, not judged;
@@ -41,6 +50,7 @@ import json
 import logging
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -66,11 +76,18 @@ from imtext.eval.metrics import retrieval_metrics
 from imtext.export.runtime import (
     CPU,
     CUDA,
+    DOT,
     FORMAT_VERSION,
     IMAGE_ENCODER,
     IMAGE_ENCODER_INT8,
     IMAGE_INPUT,
+    NETWORK,
+    NETWORK_OUTPUT_NOTE,
+    NOTES,
     OUTPUT,
+    PAIR_INPUTS,
+    PAIR_OUTPUT,
+    PAIR_SCORER,
     PARITY_FILE,
     PREPROCESS_FILE,
     TEXT_ENCODER,
@@ -83,81 +100,125 @@ from imtext.export.runtime import (
     TextSpec,
 )
 from imtext.models.dual_path import DualPathModel
+from imtext.models.methods import SimilarityModel
 from imtext.train.checkpoint import load_model
 
-__all__ = ["export", "export_onnx", "quantize", "export_spec", "ImageEncoder", "TextEncoder"]
+__all__ = [
+    "export", "export_onnx", "quantize", "export_spec", "ImageEncoder", "TextEncoder", "PairScorer",
+]  # fmt: skip
 
 METRICS_FILE = "metrics.json"
 #: Largest batch of the parity and recall passes; the last one of a split is smaller.
 PARITY_BATCH = 32
 #: Items also run one at a time (batch 1) and compared with PyTorch.
 SINGLE_ITEMS = 4
+#: Pairs per PyTorch call of the pair scorer in the checks.
+PAIR_BLOCK = 32768
 #: torch.onnx's dynamo exporter implements opset 18 and newer; converting this model lower fails
 #: (no ``Pad`` adapter) and the exporter then silently keeps 18.
 MIN_OPSET = 18
 
 Log = Callable[[str], None]
 Runner = Callable[[np.ndarray], np.ndarray]
+#: Image codes (N_img, D) and text codes (N_txt, D) -> scores (N_img, N_txt).
+MatrixScorer = Callable[[np.ndarray, np.ndarray], np.ndarray]
+#: Pairs of rows, (N, D) each -> scores (N,).
+PairRunner = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
 def _no_log(message: str) -> None:
     pass
 
 
-class ImageEncoder(nn.Module):
-    """``model.encode_image`` as a module of its own: images (N, 3, S, S) -> (N, D), L2-normalised."""
+def similarity_of(model: DualPathModel) -> str:
+    """``preprocess.json``'s ``similarity``: ``network`` for the similarity network, else ``dot``."""
+    return NETWORK if isinstance(model, SimilarityModel) else DOT
 
-    input_name = IMAGE_INPUT
+
+class ImageEncoder(nn.Module):
+    """The image side as a module of its own: images (N, 3, S, S) -> (N, D), L2-normalised;
+    ``model.encode_image``, or the image branch's codes for the similarity network."""
+
+    input_names, output_name = (IMAGE_INPUT,), OUTPUT
 
     def __init__(self, model: DualPathModel) -> None:
         super().__init__()
         self.model = model
+        self.network = isinstance(model, SimilarityModel)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.network:
+            return self.model.image_codes(images)
         return self.model.encode_image(images)
 
 
 class TextEncoder(nn.Module):
-    """``model.encode_text`` as a module of its own: int64 (N, L) -> (N, D), L2-normalised."""
+    """The text side: int64 (N, L) -> (N, D), L2-normalised; ``model.encode_text``, or the text
+    branch's codes for the similarity network."""
 
-    input_name = TEXT_INPUT
+    input_names, output_name = (TEXT_INPUT,), OUTPUT
 
     def __init__(self, model: DualPathModel) -> None:
         super().__init__()
         self.model = model
+        self.network = isinstance(model, SimilarityModel)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.network:
+            return self.model.text_codes(tokens)
         return self.model.encode_text(tokens)
 
 
+class PairScorer(nn.Module):
+    """Scores (N,) of N row pairs of the encoders' outputs (N, D) each: their dot product, or the
+    similarity network's fusion layers."""
+
+    input_names, output_name = PAIR_INPUTS, PAIR_OUTPUT
+
+    def __init__(self, model: DualPathModel) -> None:
+        super().__init__()
+        self.model = model
+        self.network = isinstance(model, SimilarityModel)
+
+    def forward(self, image_codes: torch.Tensor, text_codes: torch.Tensor) -> torch.Tensor:
+        if self.network:
+            return self.model.score_codes(image_codes, text_codes)
+        return (image_codes * text_codes).sum(dim=1)
+
+
 def export_onnx(
-    encoder: ImageEncoder | TextEncoder,
-    sample: torch.Tensor,
+    encoder: ImageEncoder | TextEncoder | PairScorer,
+    sample: torch.Tensor | tuple[torch.Tensor, ...],
     opset: int,
     path: Path,
     metadata: dict[str, str] | None = None,
 ) -> None:
-    """Write ``encoder`` (in eval mode) as one self-contained ONNX file with a dynamic batch axis.
+    """Write ``encoder`` (in eval mode) as one self-contained ONNX file with a dynamic batch axis,
+    shared by all its inputs.
 
-    ``sample`` fixes every other dimension; its batch must be at least 2 (torch.export
-    specialises a size of 1). ``metadata`` goes to the model's ``metadata_props``.
+    ``sample`` (one tensor per input) fixes every other dimension; its batch must be at least 2
+    (torch.export specialises a size of 1). ``metadata`` goes to the model's ``metadata_props``.
     """
+    samples = sample if isinstance(sample, tuple) else (sample,)
     if opset < MIN_OPSET:
         raise ConfigError(
             f"export.opset: {opset} is below {MIN_OPSET}, the lowest opset the exporter writes "
             f"(it cannot convert this model lower); set export.opset to {MIN_OPSET} or higher"
         )
-    name = encoder.input_name
-    with _quiet_logs("onnxscript", "onnx_ir", "torch.onnx"):
+    names = list(encoder.input_names)
+    batch = torch.export.Dim("batch")
+    with _quiet_logs("onnxscript", "onnx_ir", "torch.onnx"), warnings.catch_warnings():
+        # The pair scorer's two inputs share the batch axis on purpose; the exporter says so.
+        warnings.filterwarnings("ignore", message="# The axis name: batch will not be used")
         program = torch.onnx.export(
             encoder.eval(),
-            (sample,),
+            samples,
             None,
-            input_names=[name],
-            output_names=[OUTPUT],
+            input_names=names,
+            output_names=[encoder.output_name],
             opset_version=opset,
             dynamo=True,
-            dynamic_shapes={name: {0: torch.export.Dim("batch")}},
+            dynamic_shapes=tuple({0: batch} for _ in names),
             external_data=False,
             optimize=True,
             verbose=False,
@@ -216,12 +277,21 @@ def quantize(src: Path, dst: Path) -> None:
         quantize_dynamic(model, dst, weight_type=QuantType.QInt8, per_channel=True)
 
 
-def export_spec(image_size: int, max_len: int, embed_dim: int, int8: bool) -> ExportSpec:
-    """``preprocess.json`` of a model: the training code's evaluation preprocessing."""
+def export_spec(
+    image_size: int, max_len: int, embed_dim: int, int8: bool, similarity: str = DOT
+) -> ExportSpec:
+    """``preprocess.json`` of a model: the training code's evaluation preprocessing, and how its
+    outputs are compared (``similarity``: ``dot`` or ``network``)."""
+    notes = dict(NOTES)
+    if similarity == NETWORK:
+        notes["output"] = NETWORK_OUTPUT_NOTE
     return ExportSpec(
         image=ImageSpec(size=image_size, mean=tuple(IMAGENET_MEAN), std=tuple(IMAGENET_STD)),
         text=TextSpec(max_len=max_len, pad_id=PAD_ID, unk_id=UNK_ID),
         embed_dim=embed_dim,
+        similarity=similarity,
+        pair_scorer=PAIR_SCORER,
+        notes=notes,
         int8={"image_encoder": IMAGE_ENCODER_INT8, "text_encoder": TEXT_ENCODER_INT8}
         if int8
         else None,
@@ -231,10 +301,13 @@ def export_spec(image_size: int, max_len: int, embed_dim: int, int8: bool) -> Ex
 def embedding_dim(
     model: DualPathModel, image_sample: torch.Tensor, text_sample: torch.Tensor
 ) -> int:
-    """D of both encoders, run once eagerly. A model without embeddings (``method: similarity``)
-    raises its own clear error here, not from inside the exporter's tracing."""
+    """D of both encoders' outputs, run once eagerly, so that a mismatch is a clear error here
+    rather than one from inside the exporter's tracing."""
     with torch.inference_mode():
-        dims = {model.encode_image(image_sample).shape[1], model.encode_text(text_sample).shape[1]}
+        dims = {
+            ImageEncoder(model)(image_sample).shape[1],
+            TextEncoder(model)(text_sample).shape[1],
+        }
     if len(dims) != 1:
         raise ImtextError(f"the image and text embeddings differ in width ({sorted(dims)})")
     return dims.pop()
@@ -341,14 +414,93 @@ def array_batches(
 
 
 def recall_or_none(
-    image_emb: np.ndarray, text_emb: np.ndarray, caption_image: np.ndarray
+    image_emb: np.ndarray,
+    text_emb: np.ndarray,
+    caption_image: np.ndarray,
+    score: MatrixScorer | None = None,
 ) -> dict[str, float] | None:
-    """``retrieval_metrics`` (each caption matches its own image), or None for embeddings that
-    cannot be ranked (not finite: the parity check reports those)."""
+    """``retrieval_metrics`` (each caption matches its own image) of dot products, or of the
+    ``score`` matrix when given; None for outputs that cannot be ranked (not finite: the parity
+    check reports those)."""
     try:
-        return retrieval_metrics(image_emb, text_emb, caption_image)
+        if score is None:
+            return retrieval_metrics(image_emb, text_emb, caption_image)
+        scores = score(image_emb, text_emb)
+        # Rows of the identity as "text embeddings" make scores @ eye.T the score matrix itself.
+        return retrieval_metrics(scores, np.eye(scores.shape[1], dtype=scores.dtype), caption_image)
     except ValueError:
         return None
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """How the recall check scores code pairs: None for dot products (``similarity: dot``)."""
+
+    torch: MatrixScorer | None = None
+    onnx: MatrixScorer | None = None
+
+
+def torch_score_matrix(model: SimilarityModel) -> MatrixScorer:
+    """The similarity network's fusion over every (image code, text code) pair, in blocks."""
+
+    def score(image_codes: np.ndarray, text_codes: np.ndarray) -> np.ndarray:
+        images, texts = torch.from_numpy(image_codes), torch.from_numpy(text_codes)
+        rows = max(1, PAIR_BLOCK // max(1, len(texts)))
+        with torch.inference_mode():
+            blocks = [
+                model.score_codes(images[start : start + rows, None, :], texts[None, :, :])
+                for start in range(0, len(images), rows)
+            ]
+        return torch.cat(blocks).numpy()
+
+    return score
+
+
+def scorer_pairs(caption_image: np.ndarray, n_images: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows (image, caption) of the scorer's parity check: each caption with its own image and
+    with the next image (a negative pair, when there is more than one image)."""
+    captions = np.arange(len(caption_image))
+    images = np.concatenate([caption_image, (caption_image + 1) % n_images])
+    return images.astype(np.int64), np.concatenate([captions, captions])
+
+
+def scorer_parity(
+    torch_pairs: PairRunner,
+    onnx_pairs: PairRunner,
+    images: Embeddings,
+    texts: Embeddings,
+    caption_image: np.ndarray,
+) -> dict[str, Any]:
+    """max |ONNX - PyTorch| of the pair scorer fed PyTorch's codes, in batches and one at a time."""
+    image_rows, text_rows = scorer_pairs(caption_image, len(images.torch))
+    image_codes, text_codes = images.torch[image_rows], texts.torch[text_rows]
+    reference = np.concatenate(
+        [
+            torch_pairs(image_codes[s : s + PAIR_BLOCK], text_codes[s : s + PAIR_BLOCK])
+            for s in range(0, len(image_codes), PAIR_BLOCK)
+        ]
+    )
+    batched = onnx_pairs(image_codes, text_codes)
+    single = np.concatenate(
+        [onnx_pairs(image_codes[i : i + 1], text_codes[i : i + 1]) for i in range(SINGLE_ITEMS)]
+    )
+    by_batch = {
+        "1": max_abs_diff(single, reference[:SINGLE_ITEMS]),
+        str(min(len(reference), PAIR_BLOCK)): max_abs_diff(batched, reference),
+    }
+    return {
+        "max_abs_diff": max(by_batch.values()),
+        "by_batch_size": by_batch,
+        "count": len(reference),
+    }
+
+
+def torch_pair_runner(scorer: PairScorer) -> PairRunner:
+    def run(image_codes: np.ndarray, text_codes: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return scorer(torch.from_numpy(image_codes), torch.from_numpy(text_codes)).numpy()
+
+    return run
 
 
 def parity_section(emb: Embeddings, count: int) -> dict[str, Any]:
@@ -363,13 +515,17 @@ def parity_section(emb: Embeddings, count: int) -> dict[str, Any]:
 def check_failures(cfg: ExportConfig, report: dict[str, Any], split_name: str) -> list[str]:
     """The failed checks of a parity report, one sentence each (empty when all passed)."""
     failures = []
-    for encoder in ("image", "text"):
+    for encoder, what in (
+        ("image", "image encoder"),
+        ("text", "text encoder"),
+        ("scorer", "pair scorer"),
+    ):
         section = report["parity"][encoder]
         diff = section["max_abs_diff"]
         # `not <=` so that a NaN difference fails too.
         if not diff <= cfg.parity_tolerance:
             failures.append(
-                f"{encoder} encoder: max |ONNX Runtime - PyTorch| {diff:.3g} over "
+                f"{what}: max |ONNX Runtime - PyTorch| {diff:.3g} over "
                 f"{section['count']} {split_name} inputs exceeds export.parity_tolerance "
                 f"{cfg.parity_tolerance:g}"
             )
@@ -398,10 +554,18 @@ def parity_report(
     texts: Embeddings,
     token_mismatches: np.ndarray,
     context: dict[str, Any],
+    scorer: dict[str, Any],
+    scoring: Scoring = Scoring(),
 ) -> dict[str, Any]:
-    """Everything ``parity.json`` holds except the verdict (see :func:`check_failures`)."""
+    """Everything ``parity.json`` holds except the verdict (see :func:`check_failures`);
+    ``scorer`` is :func:`scorer_parity`'s section."""
     recall = {
-        name: recall_or_none(getattr(images, name), getattr(texts, name), split.caption_image)
+        name: recall_or_none(
+            getattr(images, name),
+            getattr(texts, name),
+            split.caption_image,
+            scoring.torch if name == "torch" else scoring.onnx,
+        )
         for name in ("torch", "onnx", "client", "int8")
         if getattr(images, name) is not None
     }
@@ -415,10 +579,12 @@ def parity_report(
             "tolerance": cfg.parity_tolerance,
             "image": parity_section(images, split.n_images),
             "text": parity_section(texts, split.n_captions),
+            "scorer": scorer,
         },
         "recall": {
             "tolerance": cfg.recall_tolerance,
-            "protocol": "each caption matches its own image; scores are dot products",
+            "protocol": "each caption matches its own image; scores are "
+            + ("dot products" if scoring.onnx is None else "every pair through the pair scorer"),
             "rsum_abs_diff": abs(recall["onnx"]["rsum"] - recall["torch"]["rsum"])
             if both
             else None,
@@ -449,6 +615,7 @@ def flat_metrics(report: dict[str, Any]) -> dict[str, float]:
     metrics = {
         "parity_max_abs_diff_image": report["parity"]["image"]["max_abs_diff"],
         "parity_max_abs_diff_text": report["parity"]["text"]["max_abs_diff"],
+        "parity_max_abs_diff_scorer": report["parity"]["scorer"]["max_abs_diff"],
         "preprocess_max_abs_diff_image": report["client"]["image_preprocess_max_abs_diff"],
         "token_mismatches": float(report["client"]["token_mismatches"]),
     }
@@ -481,6 +648,7 @@ def write_encoders(
     image_sample = torch.zeros(2, 3, size, size)
     text_sample = torch.zeros(2, max_len, dtype=torch.int64)
     embed_dim = embedding_dim(model, image_sample, text_sample)
+    similarity = similarity_of(model)
     common = {
         "imtext.version": __version__,
         "imtext.format_version": str(FORMAT_VERSION),
@@ -490,12 +658,16 @@ def write_encoders(
     export_onnx(ImageEncoder(model), image_sample, cfg.opset, out / IMAGE_ENCODER, image_props)
     text_props = {**common, "imtext.encoder": "text", "imtext.max_len": str(max_len)}
     export_onnx(TextEncoder(model), text_sample, cfg.opset, out / TEXT_ENCODER, text_props)
-    names = [IMAGE_ENCODER, TEXT_ENCODER]
+    # Two tensors, not one twice: torch.export would take one object passed twice for one input.
+    code_samples = (torch.zeros(2, embed_dim), torch.zeros(2, embed_dim))
+    scorer_props = {**common, "imtext.scorer": similarity}
+    export_onnx(PairScorer(model), code_samples, cfg.opset, out / PAIR_SCORER, scorer_props)
+    names = [IMAGE_ENCODER, TEXT_ENCODER, PAIR_SCORER]
     if cfg.quantize:
         quantize(out / IMAGE_ENCODER, out / IMAGE_ENCODER_INT8)
         quantize(out / TEXT_ENCODER, out / TEXT_ENCODER_INT8)
         names += [IMAGE_ENCODER_INT8, TEXT_ENCODER_INT8]
-    spec = export_spec(size, max_len, embed_dim, cfg.quantize)
+    spec = export_spec(size, max_len, embed_dim, cfg.quantize, similarity)
     (out / PREPROCESS_FILE).write_text(json.dumps(spec.to_dict(), indent=1) + "\n")
     return names
 
@@ -533,7 +705,7 @@ def embed_split(
     images = embed_modality(
         image_batches(split, encoders),
         Runners(
-            torch_runner(model.encode_image),
+            torch_runner(ImageEncoder(model)),
             encoders.embed_image_array,
             int8.embed_image_array if int8 else None,
         ),
@@ -543,7 +715,7 @@ def embed_split(
     texts = embed_modality(
         array_batches(tokens, own_tokens),
         Runners(
-            torch_runner(model.encode_text),
+            torch_runner(TextEncoder(model)),
             encoders.embed_token_array,
             int8.embed_token_array if int8 else None,
         ),
@@ -566,7 +738,21 @@ def verify(
         else None
     )
     images, texts, mismatched = embed_split(split, model, encoders, int8)
+    similarity = similarity_of(model)
+    scorer = scorer_parity(
+        torch_pair_runner(PairScorer(model)),
+        encoders.score_code_pairs,
+        images,
+        texts,
+        split.caption_image,
+    )
+    scoring = (
+        Scoring(torch_score_matrix(model), encoders.score_code_matrix)
+        if isinstance(model, SimilarityModel)
+        else Scoring()
+    )
     context = {
+        "similarity": similarity,
         "format_version": FORMAT_VERSION,
         "exporter": f"torch.onnx.export(dynamo=True), torch {torch.__version__}",
         "onnxruntime": ort.__version__,
@@ -575,7 +761,7 @@ def verify(
         "threads": threads,
         "export_config": config_to_dict(cfg),
     }
-    report = parity_report(cfg, split, images, texts, mismatched, context)
+    report = parity_report(cfg, split, images, texts, mismatched, context, scorer, scoring)
     failures = check_failures(cfg, report, split.split)
     return {"passed": not failures, "failures": failures, **report}
 
@@ -631,9 +817,14 @@ def log_summary(report: dict[str, Any], log: Log) -> None:
     parity, recall = report["parity"], report["recall"]
     log(
         f"export: max |ONNX - PyTorch| image {parity['image']['max_abs_diff']:.2g}, text "
-        f"{parity['text']['max_abs_diff']:.2g} (tolerance {parity['tolerance']:g}) on "
-        f"{report['provider']}"
+        f"{parity['text']['max_abs_diff']:.2g}, pair scorer {parity['scorer']['max_abs_diff']:.2g} "
+        f"(tolerance {parity['tolerance']:g}) on {report['provider']}"
     )
+    if report.get("similarity") == NETWORK:
+        log(
+            "export: similarity network: the encoders output branch codes, scored in pairs by "
+            f"{PAIR_SCORER}; it cannot be indexed (every candidate is scored per query)"
+        )
     if recall["rsum_abs_diff"] is not None:
         log(
             f"export: {report['split']} rsum ONNX {recall['onnx']['rsum']:.2f}, PyTorch "

@@ -8,6 +8,7 @@ imports torch or the rest of imtext: everything it needs is in an export directo
 | ``image_encoder.onnx`` | input ``images`` float32 (N, 3, S, S) -> output ``embeddings`` (N, D), L2-normalised |
 | ``text_encoder.onnx`` | input ``tokens`` int64 (N, L) -> output ``embeddings`` (N, D), L2-normalised |
 | ``image_encoder.int8.onnx``, ``text_encoder.int8.onnx`` | the same, dynamically quantized (optional) |
+| ``pair_scorer.onnx`` | inputs ``image_codes``, ``text_codes`` float32 (N, D) -> ``scores`` (N,): the score of each row pair |
 | ``preprocess.json`` | how raw inputs become those tensors (:class:`ExportSpec`) |
 | ``vocab.json`` | ``{"words": [...]}``, the word of each id |
 | ``parity.json`` | the export's checks against PyTorch; :meth:`OnnxEncoders.load` refuses a failed one |
@@ -23,6 +24,16 @@ eval_transform`` and ``imtext.data.text.encode``):
 * sentences: lower-cased; every maximal run of letters and digits is a word (``[^\\W_]+``, Python
   ``re`` with Unicode classes, so punctuation and underscores separate words); ids of the first
   L words (unknown words -> ``unk_id``), left-aligned in a row of ``pad_id``.
+
+Scoring (``preprocess.json`` field ``similarity``):
+
+* ``dot`` (``model.method`` dual_path and two_branch): the encoders' outputs are embeddings and a
+  pair's score is their dot product, so the image side can go into a vector index
+  (:attr:`OnnxEncoders.indexable`); ``pair_scorer.onnx`` computes the same dot product.
+* ``network`` (the two-branch similarity network): the encoders' outputs are the two branches'
+  codes, which only ``pair_scorer.onnx`` (element-wise product, then the fusion layers) turns into
+  a score. A dot product of codes is not the model's score, so nothing can be indexed: a query is
+  scored against every candidate's code (:meth:`OnnxEncoders.score_code_matrix`).
 """
 
 from __future__ import annotations
@@ -46,11 +57,17 @@ TEXT_ENCODER_INT8 = "text_encoder.int8.onnx"
 PREPROCESS_FILE = "preprocess.json"
 PARITY_FILE = "parity.json"
 VOCAB_FILE = "vocab.json"
+PAIR_SCORER = "pair_scorer.onnx"
 IMAGE_INPUT, TEXT_INPUT, OUTPUT = "images", "tokens", "embeddings"
+PAIR_INPUTS, PAIR_OUTPUT = ("image_codes", "text_codes"), "scores"
+#: ``ExportSpec.similarity``: dot products of embeddings, or the similarity network's fusion layers.
+DOT, NETWORK = "dot", "network"
 #: The training tokenizer's word pattern (``imtext.data.text.tokenize``; a test holds them equal).
 TOKEN_PATTERN = r"[^\W_]+"
 #: Inputs per ONNX Runtime call: bounds the memory of one call, whatever the request size.
 IMAGE_BATCH, TEXT_BATCH = 64, 256
+#: Pairs per pair-scorer call (holds 2 x PAIR_BATCH x D float32 inputs: 64 MiB at D = 256).
+PAIR_BATCH = 32768
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
 #: Fields that name a rule rather than a value: this runtime implements one of each.
 RULE_FIELDS = (
@@ -73,7 +90,18 @@ NOTES = {
         "left-aligned in a row of `pad_id`, int64. A sentence without words is an error."
     ),
     "output": "`embeddings` (N, embed_dim) float32, L2-normalised: similarity is a dot product.",
+    "pair_scorer": (
+        "pair_scorer.onnx takes `image_codes` and `text_codes` (N, embed_dim) float32, the two "
+        "encoders' outputs for N (image, sentence) pairs, and returns `scores` (N,): the model's "
+        "score of each pair, higher is better."
+    ),
 }
+#: The output note of a similarity-network export.
+NETWORK_OUTPUT_NOTE = (
+    "`embeddings` (N, embed_dim) float32 are the similarity network's branch codes, L2-normalised: "
+    "NOT embeddings to compare by dot product. Score an (image, sentence) pair with pair_scorer.onnx; "
+    "retrieval scores the query against every candidate (nothing can be indexed)."
+)
 
 
 class InputError(ValueError):
@@ -127,7 +155,9 @@ class ExportSpec:
     embed_dim: int
     output: str = OUTPUT
     normalised: str = "l2"
-    similarity: str = "dot"
+    similarity: str = DOT
+    #: ``pair_scorer.onnx``; absent (None) only in exports written before it existed.
+    pair_scorer: str | None = None
     int8: dict[str, str] | None = None
     notes: dict[str, str] = field(default_factory=lambda: dict(NOTES))
     format_version: int = FORMAT_VERSION
@@ -156,6 +186,13 @@ class ExportSpec:
         except (KeyError, TypeError) as exc:
             raise InputError(f"{where}: not an imtext preprocess file ({exc!r})") from None
         check_supported(spec, where)
+        if spec.similarity not in (DOT, NETWORK):
+            raise InputError(
+                f"{where}: similarity {spec.similarity!r} is not supported; this runtime "
+                f"implements {DOT!r} and {NETWORK!r}"
+            )
+        if spec.similarity == NETWORK and not spec.pair_scorer:
+            raise InputError(f"{where}: similarity 'network' needs a pair_scorer file")
         return spec
 
     @classmethod
@@ -275,9 +312,11 @@ class OnnxEncoders:
         vocab: dict[str, int],
         image_session: ort.InferenceSession,
         text_session: ort.InferenceSession,
+        scorer_session: ort.InferenceSession | None = None,
     ) -> None:
         self.spec, self.vocab = spec, vocab
         self.image_session, self.text_session = image_session, text_session
+        self.scorer_session = scorer_session
 
     @classmethod
     def load(
@@ -323,7 +362,20 @@ class OnnxEncoders:
             session = make_session(path, providers, threads)
             check_signature(session, input_name, dtype, path)
             sessions.append(session)
-        return cls(spec, vocab, *sessions)
+        scorer = None
+        if spec.pair_scorer:
+            path = export_dir / spec.pair_scorer
+            if not path.is_file():
+                raise InputError(f"{path}: pair scorer not found; export the model again")
+            scorer = make_session(path, providers, threads)
+            check_scorer_signature(scorer, path)
+        return cls(spec, vocab, *sessions, scorer)
+
+    @property
+    def indexable(self) -> bool:
+        """Whether a pair's score is the dot product of the two outputs (so candidates can be
+        embedded once and indexed); False for the similarity network (module docstring)."""
+        return self.spec.similarity == DOT
 
     @property
     def providers(self) -> list[str]:
@@ -375,6 +427,56 @@ class OnnxEncoders:
             raise InputError("texts: expected a list of sentences, got one string")
         return self.embed_token_array(self.token_array(texts))
 
+    def score_code_pairs(self, image_codes: np.ndarray, text_codes: np.ndarray) -> np.ndarray:
+        """Scores (N,) float32 of row pairs of the encoders' outputs, (N, D) each."""
+        image_codes = np.asarray(image_codes, dtype=np.float32)
+        text_codes = np.asarray(text_codes, dtype=np.float32)
+        if image_codes.shape != text_codes.shape or image_codes.ndim != 2:
+            raise InputError(
+                "pair scores need image and text codes of the same shape (N, D), got "
+                f"{image_codes.shape} and {text_codes.shape}"
+            )
+        if self.scorer_session is None:  # an export without pair_scorer.onnx is a dot export
+            return np.einsum("nd,nd->n", image_codes, text_codes)
+        chunks = [
+            self.scorer_session.run(
+                [PAIR_OUTPUT],
+                dict(
+                    zip(
+                        PAIR_INPUTS,
+                        (image_codes[s : s + PAIR_BATCH], text_codes[s : s + PAIR_BATCH]),
+                        strict=True,
+                    )
+                ),
+            )[0]
+            for s in range(0, len(image_codes), PAIR_BATCH)
+        ]
+        return np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+
+    def score_code_matrix(self, image_codes: np.ndarray, text_codes: np.ndarray) -> np.ndarray:
+        """Scores (N_img, N_txt) float32 of every image code (N_img, D) with every text code
+        (N_txt, D): a matrix product for a dot export, else every pair through the scorer."""
+        image_codes = np.asarray(image_codes, dtype=np.float32)
+        text_codes = np.asarray(text_codes, dtype=np.float32)
+        if self.indexable:
+            return image_codes @ text_codes.T
+        n_img, n_txt = len(image_codes), len(text_codes)
+        rows = max(1, PAIR_BATCH // max(1, n_txt))
+        blocks = []
+        for start in range(0, n_img, rows):
+            block = image_codes[start : start + rows]
+            pairs = self.score_code_pairs(
+                np.repeat(block, n_txt, axis=0), np.tile(text_codes, (len(block), 1))
+            )
+            blocks.append(pairs.reshape(len(block), n_txt))
+        return np.concatenate(blocks) if blocks else np.zeros((0, n_txt), np.float32)
+
+    def score_pairs(self, images: Sequence[Image.Image], texts: Sequence[str]) -> np.ndarray:
+        """The model's score (N,) of each (image, sentence) pair; errors name the bad input."""
+        if len(images) != len(texts):
+            raise InputError(f"pairs: {len(images)} images but {len(texts)} sentences")
+        return self.score_code_pairs(self.embed_images(images), self.embed_texts(texts))
+
     def _run(
         self, session: ort.InferenceSession, name: str, inputs: np.ndarray, batch_size: int
     ) -> np.ndarray:
@@ -403,6 +505,18 @@ def check_signature(session: ort.InferenceSession, name: str, dtype: str, path: 
         raise InputError(
             f"{path}: expected input {name!r} ({dtype}) and output {OUTPUT!r}, got inputs "
             f"{inputs} and outputs {outputs}"
+        )
+
+
+def check_scorer_signature(session: ort.InferenceSession, path: Path) -> None:
+    """The pair scorer takes ``image_codes`` and ``text_codes`` (float32) and returns ``scores``."""
+    inputs = [(i.name, i.type) for i in session.get_inputs()]
+    outputs = [o.name for o in session.get_outputs()]
+    expected = [(name, "tensor(float)") for name in PAIR_INPUTS]
+    if inputs != expected or outputs != [PAIR_OUTPUT]:
+        raise InputError(
+            f"{path}: expected inputs {expected} and output {PAIR_OUTPUT!r}, got inputs {inputs} "
+            f"and outputs {outputs}"
         )
 
 

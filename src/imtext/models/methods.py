@@ -14,7 +14,9 @@ dual-path ``--init`` they start from its features, as the paper's start from Ima
 - :class:`SimilarityModel`: scores pairs; it has no embedding, so ``encode_image`` and
   ``encode_text`` raise :class:`NoEmbeddingError`. Retrieval scores every pair with
   :meth:`SimilarityModel.score_matrix` over :meth:`~SimilarityModel.image_features` and
-  :meth:`~SimilarityModel.text_features`.
+  :meth:`~SimilarityModel.text_features`; the ONNX export serves the branch codes
+  (:meth:`~SimilarityModel.image_codes`, :meth:`~SimilarityModel.text_codes`) and the fusion
+  (:meth:`~SimilarityModel.score_codes`).
 """
 
 from __future__ import annotations
@@ -96,6 +98,20 @@ class SimilarityModel(DualPathModel):
         """Word ids (M, L) -> the text encoder's output (M, embed_dim), not normalised."""
         return self.text(tokens)
 
+    def image_codes(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (N, 3, H, W) -> the image branch's L2-normalised output (N, embed_dim): what
+        the fusion reads. Not an embedding: two codes are compared by :meth:`score_codes`, not a
+        dot product (what the ONNX export serves)."""
+        return self.net.encode_image(self.image(images))
+
+    def text_codes(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Word ids (M, L) -> the text branch's L2-normalised output (M, embed_dim)."""
+        return self.net.encode_text(self.text(tokens))
+
+    def score_codes(self, image_codes: torch.Tensor, text_codes: torch.Tensor) -> torch.Tensor:
+        """Scores (...) of code pairs of the same shape (..., embed_dim): the fusion network."""
+        return self.net.fuse(image_codes, text_codes)
+
     def score_matrix(self, image_feats: torch.Tensor, text_feats: torch.Tensor) -> torch.Tensor:
         """Scores (N, M) of every image feature row (N, embed_dim) with every text row (M,
         embed_dim), in blocks; call it in eval mode."""
@@ -127,9 +143,10 @@ class SimilarityModel(DualPathModel):
 
 
 _NO_EMBEDDING = (
-    "model.method 'similarity' scores image-sentence pairs and has no embedding to index, export "
-    "or serve; evaluate it with `imtext evaluate` (it scores every pair), or train a dual_path or "
-    "two_branch model to export"
+    "model.method 'similarity' scores image-sentence pairs and has no embedding: a dot product of "
+    "its outputs is not its score. Score pairs with image_codes / text_codes and score_codes (what "
+    "`imtext export` writes, with pair_scorer.onnx), or every pair with score_matrix (what "
+    "`imtext evaluate` does)"
 )
 
 METHOD_MODELS: dict[str, type[DualPathModel]] = {

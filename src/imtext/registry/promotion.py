@@ -5,6 +5,10 @@ by default, higher is better) beats the current champion's by more than ``gate_m
 first version of a model always does. Every decision, refusals included, is written on the candidate
 version as ``promotion.*`` tags, so the registry itself shows why each version is or is not serving.
 A person can override a refusal with a written reason (``force_reason``), which is recorded too.
+
+One refusal cannot be forced: a candidate that scores differently from the champion (version tag
+``imtext.similarity``: ``dot`` for embedding models, ``network`` for the similarity network, which
+answers pairs only) would break every client of the alias, so it needs a registered model of its own.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any
 
 from imtext.config import RegisterConfig
 from imtext.errors import ConfigError, ImtextError
+from imtext.registry.provenance import TAG_SIMILARITY
 from imtext.registry.retry import RegistryError, Server, bounded_http_retries, no_log
 from imtext.registry.tracking import connect, resolve_tracking_uri
 
@@ -36,6 +41,8 @@ class PromotionDecision:
     candidate_metric: float | None
     champion_metric: float | None
     reason: str
+    #: The candidate scores pairs differently from the champion (no force can promote it).
+    incompatible: bool = False
 
 
 def promote(
@@ -64,6 +71,8 @@ def promote(
         if decision.previous_champion == version:
             log(f"{cfg.model_name} version {version}: {decision.reason}")
             return decision
+        if forced and decision.incompatible:
+            raise ConfigError(f"promote: cannot force version {version}: {decision.reason}")
         if forced:
             decision = force(decision, force_reason.strip())
         record_decision(server, cfg, decision, force_reason)
@@ -111,7 +120,38 @@ def judge(server: Server, cfg: RegisterConfig, version: str, *, forced: bool) ->
         else None
     )
     previous = str(champion.version) if champion is not None else None
+    if champion is not None and similarity_of(candidate) != similarity_of(champion):
+        return incompatible(cfg, candidate, champion, candidate_metric, champion_metric)
     return decide(cfg, version, previous, candidate_metric, champion_metric)
+
+
+def similarity_of(version: Any) -> str:
+    """How a version scores a pair (tag ``imtext.similarity``); versions registered before the
+    tag existed are embedding models (``dot``)."""
+    return (version.tags or {}).get(TAG_SIMILARITY, "dot")
+
+
+def incompatible(
+    cfg: RegisterConfig,
+    candidate: Any,
+    champion: Any,
+    candidate_metric: float | None,
+    champion_metric: float | None,
+) -> PromotionDecision:
+    """The refusal of a candidate whose scoring differs from the champion's."""
+    answers = {"dot": "embeddings (dot-product scores)", "network": "pair scores only"}
+    new, old = similarity_of(candidate), similarity_of(champion)
+    reason = (
+        f"version {candidate.version} scores with {new!r} ({answers.get(new, new)}) but champion "
+        f"version {champion.version} with {old!r} ({answers.get(old, old)}): clients of alias "
+        f"{cfg.alias!r} would break; register it under a model name of its own "
+        f"(register.model_name, e.g. {cfg.model_name}-{new}); alias {cfg.alias!r} stays on "
+        f"version {champion.version}"
+    )
+    return PromotionDecision(
+        False, str(candidate.version), str(champion.version), candidate_metric, champion_metric,
+        reason, incompatible=True,
+    )  # fmt: skip
 
 
 def decide(

@@ -21,6 +21,8 @@ TAG_DATA_MD5 = "imtext.data_md5"
 TAG_PARAMS_SHA256 = "imtext.params_sha256"
 TAG_GATE_METRIC = "imtext.gate_metric"
 TAG_GATE_VALUE = "imtext.gate_value"
+#: How the model scores a pair: ``dot`` (embeddings) or ``network`` (the similarity network).
+TAG_SIMILARITY = "imtext.similarity"
 
 #: MLflow rejects longer param values; longer ones are cut and marked (the full params are an
 #: artifact, ``params.json``).

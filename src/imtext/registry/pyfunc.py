@@ -1,15 +1,17 @@
 """The registered model: the ONNX encoders of ``export`` as an MLflow pyfunc.
 
-Serving loads ``models:/<model_name>@champion`` and calls ``predict`` on a table with **one** of two
-columns:
+Serving loads ``models:/<model_name>@champion`` and calls ``predict`` on a table with the columns
 
 * ``text``: captions (str) -> their text embeddings;
 * ``image``: encoded PNG or JPEG files (bytes; base64 text also accepted, as JSON carries it)
-  -> their image embeddings.
+  -> their image embeddings;
+* both: one (image, caption) pair per row -> the model's score of each pair.
 
-``predict`` returns a float32 array of shape ``[rows, embed_dim]`` whose rows are L2-normalised (as
-``imtext.export.runtime`` returns them), so image-text similarity is a dot product. A table with both
-columns or neither is rejected: one request embeds one modality.
+One column returns a float32 array of shape ``[rows, embed_dim]`` whose rows are L2-normalised (as
+``imtext.export.runtime`` returns them), so image-text similarity is a dot product. Both columns
+return ``[rows, 1]`` scores. The similarity network (``model.method: similarity``) has no
+embedding: its versions answer pairs only (tag ``imtext.similarity: network``), and a one-column
+request is rejected with a message saying so. A table with neither column is rejected.
 
 The model holds the whole export directory (encoders, ``preprocess.json``, ``vocab.json``,
 ``parity.json``) as its artifact ``export``; at load time ``imtext.export.runtime.OnnxEncoders``
@@ -40,6 +42,8 @@ from mlflow.types import ColSpec, Schema, TensorSpec
 EXPORT_ARTIFACT = "export"
 TEXT_COLUMN = "text"
 IMAGE_COLUMN = "image"
+#: ``query_column`` of a table with both columns: score each row's (image, caption) pair.
+PAIRS = "pairs"
 
 SIGNATURE = ModelSignature(
     inputs=Schema(
@@ -73,7 +77,16 @@ class ImtextEncoders(mlflow.pyfunc.PythonModel):
 
         table = as_table(model_input)
         column = query_column(table)
+        if column != PAIRS and not self.encoders.indexable:
+            raise MlflowException.invalid_parameter_value(
+                "this model is a similarity network: it scores (image, caption) pairs and has no "
+                "embedding to return; send the columns 'image' and 'text' together, one pair per row"
+            )
         try:
+            if column == PAIRS:
+                images = [decode_image(data, row) for row, data in enumerate(table[IMAGE_COLUMN])]
+                texts = [str(text) for text in table[TEXT_COLUMN]]
+                return self.encoders.score_pairs(images, texts).astype(np.float32)[:, None]
             if column == TEXT_COLUMN:
                 embeddings = self.encoders.embed_texts([str(text) for text in table[TEXT_COLUMN]])
             else:
@@ -100,20 +113,21 @@ def as_table(model_input: Any) -> pd.DataFrame:
 
 
 def query_column(table: pd.DataFrame) -> str:
-    """The one column the request embeds: ``text`` or ``image``."""
+    """What the request asks: ``text`` or ``image`` embeddings, or :data:`PAIRS` scores."""
     present = [
         column
         for column in (TEXT_COLUMN, IMAGE_COLUMN)
         if column in table.columns and table[column].notna().any()
     ]
-    if len(present) != 1:
+    if not present:
         raise MlflowException.invalid_parameter_value(
-            "expected exactly one of the columns 'text' (captions) and 'image' (PNG/JPEG bytes), "
-            f"got columns {list(table.columns)}; send texts and images in separate requests"
+            "expected the column 'text' (captions), 'image' (PNG/JPEG bytes) or both (pairs to "
+            f"score), got columns {list(table.columns)}"
         )
-    if table[present[0]].isna().any():
-        raise MlflowException.invalid_parameter_value(f"column {present[0]!r} has empty rows")
-    return present[0]
+    for column in present:
+        if table[column].isna().any():
+            raise MlflowException.invalid_parameter_value(f"column {column!r} has empty rows")
+    return present[0] if len(present) == 1 else PAIRS
 
 
 def decode_image(data: Any, row: int) -> Any:

@@ -38,6 +38,7 @@ from imtext.registry.provenance import (
     TAG_GATE_VALUE,
     TAG_GIT_COMMIT,
     TAG_PARAMS_SHA256,
+    TAG_SIMILARITY,
     canonical_json,
     data_md5,
     flatten_params,
@@ -92,6 +93,8 @@ class Candidate:
     export_dir: Path
     metrics: dict[str, float]
     history: list[dict[str, Any]]
+    #: preprocess.json's ``similarity``: ``dot`` (embeddings) or ``network`` (pair scores only).
+    similarity: str = "dot"
 
 
 def resolve_tracking_uri(cfg: RegisterConfig, override: str | None = None) -> str:
@@ -147,6 +150,7 @@ def register(
     """
     candidate = read_candidate(cfg, Path(train_dir), Path(eval_dir), Path(export_dir))
     tags = provenance_tags(cfg, params, data_dvc, candidate.metrics)
+    tags[TAG_SIMILARITY] = candidate.similarity
     uri = resolve_tracking_uri(cfg, tracking_uri)
     server = connect(uri, cfg, log, register_hint(candidate))
     with bounded_http_retries():
@@ -202,7 +206,14 @@ def read_candidate(
     history = read_json(history_file, "training history") if history_file.is_file() else []
     if not isinstance(history, list):
         raise ImtextError(f"{history_file}: expected a list of epochs; re-run training")
-    return Candidate(train_dir, eval_dir, export_dir, metrics, history)
+    spec = read_json(export_dir / "preprocess.json", "export preprocessing")
+    similarity = spec.get("similarity", "dot") if isinstance(spec, dict) else None
+    if similarity not in ("dot", "network"):
+        raise ImtextError(
+            f"{export_dir / 'preprocess.json'}: similarity {similarity!r} is neither 'dot' nor "
+            "'network'; run export again"
+        )
+    return Candidate(train_dir, eval_dir, export_dir, metrics, history, similarity)
 
 
 def provenance_tags(
