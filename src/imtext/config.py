@@ -285,7 +285,8 @@ def check_method(model: ModelConfig, train: TrainConfig, where: str = "params") 
     """Raise :class:`ConfigError`, naming the key, when the stage's losses cannot train ``model``.
 
     The two sections are valid on their own; this checks them together (``train_stage`` calls it):
-    the similarity network is trained by the logistic loss and nothing else scores pairs, the
+    the similarity network's pair scores are trained by the logistic loss and nothing else (with a
+    first weight of 0, as in Stage I, only its encoders learn, from the instance loss), the
     two-branch and dual-path models have embeddings for every other ranking loss, and the
     adversarial loss needs a discriminator.
     """
@@ -294,11 +295,6 @@ def check_method(model: ModelConfig, train: TrainConfig, where: str = "params") 
         raise ConfigError(
             f"{where}: ranking: model.method 'similarity' scores pairs and has no embedding to "
             f"rank; use ranking 'logistic' (got {train.ranking!r})"
-        )
-    if model.method == "similarity" and not ranks:
-        raise ConfigError(
-            f"{where}: loss_weights: model.method 'similarity' is trained by its logistic loss; "
-            f"give it a positive first weight (got {train.loss_weights})"
         )
     if train.ranking == "logistic" and model.method != "similarity":
         raise ConfigError(

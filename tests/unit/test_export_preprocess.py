@@ -178,3 +178,11 @@ def test_the_runtime_never_imports_torch():
         "assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_scorer_parity_pairs_each_caption_with_its_image_and_the_next():
+    from imtext.export.exporter import scorer_pairs
+
+    images, captions = scorer_pairs(np.array([0, 0, 1]), n_images=2)
+    assert images.tolist() == [0, 0, 1, 1, 1, 0]
+    assert captions.tolist() == [0, 1, 2, 0, 1, 2]
