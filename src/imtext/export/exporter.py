@@ -136,54 +136,44 @@ def similarity_of(model: DualPathModel) -> str:
 
 
 class ImageEncoder(nn.Module):
-    """The image side as a module of its own: images (N, 3, S, S) -> (N, D), L2-normalised;
-    ``model.encode_image``, or the image branch's codes for the similarity network."""
+    """``model.image_codes`` as a module of its own: images (N, 3, S, S) -> (N, D), L2-normalised
+    (the embeddings, or the similarity network's image branch codes)."""
 
     input_names, output_name = (IMAGE_INPUT,), OUTPUT
 
     def __init__(self, model: DualPathModel) -> None:
         super().__init__()
         self.model = model
-        self.network = isinstance(model, SimilarityModel)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if self.network:
-            return self.model.image_codes(images)
-        return self.model.encode_image(images)
+        return self.model.image_codes(images)
 
 
 class TextEncoder(nn.Module):
-    """The text side: int64 (N, L) -> (N, D), L2-normalised; ``model.encode_text``, or the text
-    branch's codes for the similarity network."""
+    """``model.text_codes`` as a module of its own: int64 (N, L) -> (N, D), L2-normalised."""
 
     input_names, output_name = (TEXT_INPUT,), OUTPUT
 
     def __init__(self, model: DualPathModel) -> None:
         super().__init__()
         self.model = model
-        self.network = isinstance(model, SimilarityModel)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        if self.network:
-            return self.model.text_codes(tokens)
-        return self.model.encode_text(tokens)
+        return self.model.text_codes(tokens)
 
 
 class PairScorer(nn.Module):
-    """Scores (N,) of N row pairs of the encoders' outputs (N, D) each: their dot product, or the
-    similarity network's fusion layers."""
+    """``model.score_codes`` as a module of its own: N row pairs (N, D) each -> scores (N,) (a dot
+    product, or the similarity network's fusion layers)."""
 
     input_names, output_name = PAIR_INPUTS, PAIR_OUTPUT
 
     def __init__(self, model: DualPathModel) -> None:
         super().__init__()
         self.model = model
-        self.network = isinstance(model, SimilarityModel)
 
     def forward(self, image_codes: torch.Tensor, text_codes: torch.Tensor) -> torch.Tensor:
-        if self.network:
-            return self.model.score_codes(image_codes, text_codes)
-        return (image_codes * text_codes).sum(dim=1)
+        return self.model.score_codes(image_codes, text_codes)
 
 
 def export_onnx(
@@ -441,17 +431,12 @@ class Scoring:
 
 
 def torch_score_matrix(model: SimilarityModel) -> MatrixScorer:
-    """The similarity network's fusion over every (image code, text code) pair, in blocks."""
+    """The similarity network's fusion over every (image code, text code) pair."""
 
     def score(image_codes: np.ndarray, text_codes: np.ndarray) -> np.ndarray:
-        images, texts = torch.from_numpy(image_codes), torch.from_numpy(text_codes)
-        rows = max(1, PAIR_BLOCK // max(1, len(texts)))
         with torch.inference_mode():
-            blocks = [
-                model.score_codes(images[start : start + rows, None, :], texts[None, :, :])
-                for start in range(0, len(images), rows)
-            ]
-        return torch.cat(blocks).numpy()
+            codes = torch.from_numpy(image_codes), torch.from_numpy(text_codes)
+            return model.score_code_matrix(*codes).numpy()
 
     return score
 
@@ -739,7 +724,6 @@ def verify(
         else None
     )
     images, texts, mismatched = embed_split(split, model, encoders, int8)
-    similarity = similarity_of(model)
     scorer = scorer_parity(
         torch_pair_runner(PairScorer(model)),
         encoders.score_code_pairs,
@@ -753,7 +737,7 @@ def verify(
         else Scoring()
     )
     context = {
-        "similarity": similarity,
+        "similarity": similarity_of(model),
         "format_version": FORMAT_VERSION,
         "exporter": f"torch.onnx.export(dynamo=True), torch {torch.__version__}",
         "onnxruntime": ort.__version__,

@@ -360,7 +360,7 @@ class OnnxEncoders:
             if not path.is_file():
                 raise InputError(f"{path}: encoder not found; is {export_dir} an export directory?")
             session = make_session(path, providers, threads)
-            check_signature(session, input_name, dtype, path)
+            check_signature(session, [(input_name, dtype)], OUTPUT, path)
             sessions.append(session)
         scorer = None
         if spec.pair_scorer:
@@ -368,7 +368,9 @@ class OnnxEncoders:
             if not path.is_file():
                 raise InputError(f"{path}: pair scorer not found; export the model again")
             scorer = make_session(path, providers, threads)
-            check_scorer_signature(scorer, path)
+            check_signature(
+                scorer, [(name, "tensor(float)") for name in PAIR_INPUTS], PAIR_OUTPUT, path
+            )
         return cls(spec, vocab, *sessions, scorer)
 
     @property
@@ -497,26 +499,16 @@ def check_verified(path: Path) -> None:
         raise InputError(f"{path}: the export failed its checks ({failures}); do not serve it")
 
 
-def check_signature(session: ort.InferenceSession, name: str, dtype: str, path: Path) -> None:
-    """The encoder has one input ``name`` of ``dtype`` and the output ``embeddings``."""
-    inputs = [(i.name, i.type) for i in session.get_inputs()]
+def check_signature(
+    session: ort.InferenceSession, inputs: list[tuple[str, str]], output: str, path: Path
+) -> None:
+    """The session's inputs are exactly ``inputs`` (name, ONNX type) and its output ``output``."""
+    found = [(i.name, i.type) for i in session.get_inputs()]
     outputs = [o.name for o in session.get_outputs()]
-    if inputs != [(name, dtype)] or outputs != [OUTPUT]:
+    if found != inputs or outputs != [output]:
         raise InputError(
-            f"{path}: expected input {name!r} ({dtype}) and output {OUTPUT!r}, got inputs "
-            f"{inputs} and outputs {outputs}"
-        )
-
-
-def check_scorer_signature(session: ort.InferenceSession, path: Path) -> None:
-    """The pair scorer takes ``image_codes`` and ``text_codes`` (float32) and returns ``scores``."""
-    inputs = [(i.name, i.type) for i in session.get_inputs()]
-    outputs = [o.name for o in session.get_outputs()]
-    expected = [(name, "tensor(float)") for name in PAIR_INPUTS]
-    if inputs != expected or outputs != [PAIR_OUTPUT]:
-        raise InputError(
-            f"{path}: expected inputs {expected} and output {PAIR_OUTPUT!r}, got inputs {inputs} "
-            f"and outputs {outputs}"
+            f"{path}: expected inputs {inputs} and output {output!r}, got inputs {found} and "
+            f"outputs {outputs}"
         )
 
 

@@ -85,6 +85,21 @@ class DualPathModel(nn.Module):
         """Word ids (M, L) int64 -> (M, D), L2-normalised."""
         return F.normalize(self.text(tokens), dim=1)
 
+    # What the export serves: each side's output ("codes") and the score of a pair of them. For
+    # an embedding model the codes are the embeddings and the score is their dot product; the
+    # similarity network overrides all three (imtext.models.methods.SimilarityModel).
+    def image_codes(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (N, 3, H, W) -> (N, D): :meth:`encode_image`."""
+        return self.encode_image(images)
+
+    def text_codes(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Word ids (M, L) -> (M, D): :meth:`encode_text`."""
+        return self.encode_text(tokens)
+
+    def score_codes(self, image_codes: torch.Tensor, text_codes: torch.Tensor) -> torch.Tensor:
+        """Scores (...) of code pairs of one shape (..., D) (broadcasting): the dot product."""
+        return (image_codes * text_codes).sum(dim=-1)
+
     def forward(
         self, images: torch.Tensor, tokens: torch.Tensor, reverse: Reverse | None = None
     ) -> DualPathOutput | MethodOutput:

@@ -112,6 +112,13 @@ class SimilarityModel(DualPathModel):
         """Scores (...) of code pairs of the same shape (..., embed_dim): the fusion network."""
         return self.net.fuse(image_codes, text_codes)
 
+    def score_code_matrix(
+        self, image_codes: torch.Tensor, text_codes: torch.Tensor
+    ) -> torch.Tensor:
+        """Scores (N, M) of every image code (N, embed_dim) with every text code (M, embed_dim),
+        fused in blocks; call it in eval mode."""
+        return self.net.fuse_matrix(image_codes, text_codes)
+
     def score_matrix(self, image_feats: torch.Tensor, text_feats: torch.Tensor) -> torch.Tensor:
         """Scores (N, M) of every image feature row (N, embed_dim) with every text row (M,
         embed_dim), in blocks; call it in eval mode."""

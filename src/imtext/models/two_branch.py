@@ -164,9 +164,16 @@ class SimilarityNetwork(_TwoBranches):
         float32). Call it in eval mode: in train mode BatchNorm would use this call's statistics
         and dropout would draw.
         """
+        images, texts = self.encode_image(image_feats), self.encode_text(text_feats)
+        return self.fuse_matrix(images, texts, chunk_pairs)
+
+    def fuse_matrix(
+        self, images: torch.Tensor, texts: torch.Tensor, chunk_pairs: int = 1 << 16
+    ) -> torch.Tensor:
+        """Scores (N, M) of every branch output row (N, E) with every row (M, E), fused in blocks
+        of about ``chunk_pairs`` pairs (:meth:`score_matrix`)."""
         if chunk_pairs < 1:
             raise ValueError(f"chunk_pairs must be at least 1, got {chunk_pairs}")
-        images, texts = self.encode_image(image_feats), self.encode_text(text_feats)
         rows = max(1, chunk_pairs // max(1, texts.shape[0]))
         blocks = [
             self.fuse(images[start : start + rows, None, :], texts[None, :, :])
