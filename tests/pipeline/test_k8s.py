@@ -8,6 +8,7 @@ lack) is checked structurally, its pod templates against the Pod schema.
 from __future__ import annotations
 
 import base64
+import copy
 import os
 import re
 import shutil
@@ -406,3 +407,87 @@ def test_base_renders_on_its_own():
     kinds = {doc["kind"] for doc in yaml.safe_load_all(result.stdout) if doc}
     assert "PyTorchJob" not in kinds  # training is a component the overlays opt into
     assert Path(K8S / "training" / "kustomization.yaml").is_file()
+
+
+# --- Read-only root filesystems --------------------------------------------------------------
+
+#: Where the project image puts HOME and MPLCONFIGDIR (its Dockerfile's ENV).
+IMAGE_ENV = dict(re.findall(r"\b(HOME|MPLCONFIGDIR)=(\S+)", (REPO / "Dockerfile").read_text()))
+#: Environment variables naming a directory their program writes to.
+WRITTEN_ENV = ("HOME", "TMPDIR", "MPLCONFIGDIR", "MC_CONFIG_DIR", "PGDATA", "XDG_CACHE_HOME")
+#: Directories an image writes that no environment variable names, by image (without tag).
+IMAGE_WRITES = {
+    "ghcr.io/imtext/imtext": (IMAGE_ENV["HOME"], IMAGE_ENV["MPLCONFIGDIR"]),
+    "docker.io/library/postgres": ("/var/run/postgresql",),  # its Unix socket and lock file
+    "quay.io/minio/minio": ("/data",),  # `minio server /data`
+}
+
+
+def paths_written(c: dict) -> set[str]:
+    """Directories the container's processes write: /tmp, those its environment names (else its
+    image's defaults)."""
+    env = {e["name"]: e["value"] for e in c.get("env", []) if "value" in e}
+    paths = {"/tmp"} | {env[name] for name in WRITTEN_ENV if name in env}
+    image_defaults = IMAGE_WRITES.get(re.sub(r"[:@].*$", "", c["image"]), ())
+    if c["image"].startswith("ghcr.io/imtext/imtext") and "HOME" in env:
+        image_defaults = tuple(p for p in image_defaults if p != IMAGE_ENV["HOME"])
+    return paths | set(image_defaults)
+
+
+def unwritable(pod: dict, c: dict, templates: set[str] = frozenset()) -> list[str]:
+    """The paths of `paths_written` that no writable volume (emptyDir, claim) holds."""
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    missing = []
+    for path in sorted(paths_written(c)):
+        holders = [
+            m
+            for m in c.get("volumeMounts", [])
+            if path == m["mountPath"] or path.startswith(m["mountPath"].rstrip("/") + "/")
+        ]
+        # the innermost mount decides
+        holder = max(holders, key=lambda m: len(m["mountPath"]), default=None)
+        volume = volumes.get(holder["name"], {}) if holder else {}
+        writable = holder is not None and not holder.get("readOnly", False)
+        writable = writable and (
+            "emptyDir" in volume or "persistentVolumeClaim" in volume or holder["name"] in templates
+        )
+        if not writable:
+            missing.append(path)
+    return missing
+
+
+def test_every_root_filesystem_is_read_only_with_volumes_where_processes_write(objects):
+    seen = 0
+    for obj in objects:
+        templates = {
+            t["metadata"]["name"] for t in obj.get("spec", {}).get("volumeClaimTemplates", [])
+        }
+        for where, pod in pod_specs(obj):
+            for c in pod.get("initContainers", []) + pod["containers"]:
+                seen += 1
+                sc = c.get("securityContext", {})
+                assert sc.get("readOnlyRootFilesystem") is True, f"{where}/{c['name']}"
+                missing = unwritable(pod, c, templates)
+                assert not missing, f"{where}/{c['name']}: nothing writable at {missing}"
+    assert seen >= 6
+
+
+def test_the_writable_path_check_catches_a_missing_volume(objects):
+    """Guards the test above: without its /tmp emptyDir, or with /tmp from a ConfigMap, the
+    MLflow server has nowhere to write."""
+    pod = copy.deepcopy(one(objects, "Deployment", "imtext-mlflow")["spec"]["template"]["spec"])
+    (c,) = pod["containers"]
+    assert unwritable(pod, c) == []
+    assert "/tmp" in paths_written(c)
+    tmp = next(v for v in pod["volumes"] if v["name"] == "tmp")
+    tmp.pop("emptyDir")
+    tmp["configMap"] = {"name": "x"}
+    assert unwritable(pod, c) == ["/tmp"]
+    c["volumeMounts"] = [m for m in c["volumeMounts"] if m["mountPath"] != "/tmp"]
+    assert unwritable(pod, c) == ["/tmp"]
+    job = one(objects, "PyTorchJob", "imtext-finetune")
+    master = copy.deepcopy(job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"])
+    (c,) = master["containers"]
+    assert {IMAGE_ENV["HOME"], IMAGE_ENV["MPLCONFIGDIR"]} <= paths_written(c)
+    c["volumeMounts"] = [m for m in c["volumeMounts"] if m["mountPath"] != IMAGE_ENV["HOME"]]
+    assert unwritable(master, c) == [IMAGE_ENV["HOME"]]
