@@ -491,3 +491,31 @@ def test_the_writable_path_check_catches_a_missing_volume(objects):
     assert {IMAGE_ENV["HOME"], IMAGE_ENV["MPLCONFIGDIR"]} <= paths_written(c)
     c["volumeMounts"] = [m for m in c["volumeMounts"] if m["mountPath"] != IMAGE_ENV["HOME"]]
     assert unwritable(master, c) == [IMAGE_ENV["HOME"]]
+
+
+# --- MinIO's console -------------------------------------------------------------------------
+
+
+def container_port(pod: dict, port: int | str) -> int | None:
+    """A Service targetPort or NetworkPolicy port (number or name) as a container port number."""
+    if isinstance(port, int):
+        return port
+    for c in pod["containers"]:
+        for p in c.get("ports", []):
+            if p.get("name") == port:
+                return p["containerPort"]
+    return None
+
+
+def test_minio_console_is_in_no_service(objects):
+    minio = one(objects, "Deployment", "imtext-minio")["spec"]["template"]
+    labels = minio["metadata"]["labels"]
+    console = container_port(minio["spec"], "console")
+    assert console == 9001
+    exposed = set()
+    for service in (o for o in objects if o["kind"] == "Service"):
+        selector = service["spec"].get("selector", {})
+        if selector and selector.items() <= labels.items():
+            for p in service["spec"]["ports"]:
+                exposed.add(container_port(minio["spec"], p.get("targetPort", p["port"])))
+    assert exposed == {9000}, f"MinIO's Services reach container ports {sorted(exposed)}"
