@@ -311,27 +311,81 @@ def test_object_store_and_its_buckets(objects):
         assert bucket in script.split("for bucket in ")[1].split(";")[0], bucket
 
 
-def test_pipeline_runner_may_read_its_secret_and_start_training(objects):
+#: What lets an identity run code of its choosing, mount any secret of the namespace or act as
+#: another identity: creating (or changing) a workload, exec/attach into a pod, minting tokens.
+#: (group, resource); "*" anywhere in a rule counts as all of these.
+POD_STARTERS = {
+    ("", "pods"),
+    ("", "pods/exec"),
+    ("", "pods/attach"),
+    ("", "pods/ephemeralcontainers"),
+    ("", "replicationcontrollers"),
+    ("", "serviceaccounts/token"),
+    ("apps", "deployments"),
+    ("apps", "statefulsets"),
+    ("apps", "daemonsets"),
+    ("apps", "replicasets"),
+    ("batch", "jobs"),
+    ("batch", "cronjobs"),
+    ("kubeflow.org", "pytorchjobs"),
+    ("argoproj.io", "workflows"),
+}
+WRITE_VERBS = {"create", "update", "patch", "*"}
+
+
+def role_allows(role: dict, group: str, resource: str, verb: str, name: str | None = None) -> bool:
+    """Whether one of the Role's rules grants `verb` on `resource` (wildcards included)."""
+    return any(
+        {group, "*"} & set(rule.get("apiGroups", []))
+        and {resource, "*"} & set(rule.get("resources", []))
+        and {verb, "*"} & set(rule.get("verbs", []))
+        and (name is None or name in rule.get("resourceNames", [name]))
+        for rule in role["rules"]
+    )
+
+
+def test_pipeline_runner_reads_only_its_secrets_and_starts_nothing(objects):
     one(objects, "ServiceAccount", "imtext-pipeline-runner")
     role = one(objects, "Role", "imtext-pipeline-runner")
-
-    def allowed(group: str, resource: str, verb: str, name: str | None = None) -> bool:
-        return any(
-            group in rule["apiGroups"]
-            and resource in rule["resources"]
-            and verb in rule["verbs"]
-            and (name is None or name in rule.get("resourceNames", [name]))
-            for rule in role["rules"]
-        )
-
-    assert allowed("", "secrets", "get", PIPELINE_SECRET)
-    assert not allowed("", "secrets", "list")  # only the named secrets
-    assert allowed("", "pods", "create") and allowed("kubeflow.org", "pytorchjobs", "create")
+    assert role_allows(role, "", "secrets", "get", PIPELINE_SECRET)
+    assert not role_allows(role, "", "secrets", "list")  # only the named secrets
+    assert not role_allows(role, "", "secrets", "get", "imtext-postgres")
+    # Argo's executor reports outputs; KFP's launcher reads its settings and its own pod.
+    assert role_allows(role, "argoproj.io", "workflowtaskresults", "create")
+    assert role_allows(role, "", "configmaps", "get", "kfp-launcher")
+    assert role_allows(role, "", "pods", "get")
+    assert not role_allows(role, "", "persistentvolumeclaims", "create")  # no step makes one
+    for group, resource in sorted(POD_STARTERS):
+        for verb in sorted(WRITE_VERBS):
+            assert not role_allows(role, group, resource, verb), (
+                f"Role imtext-pipeline-runner may {verb} {group or 'core'}/{resource}: that lets "
+                "a pipeline run mount any secret of the namespace; no step needs it"
+            )
     binding = one(objects, "RoleBinding", "imtext-pipeline-runner")
     assert binding["roleRef"]["name"] == "imtext-pipeline-runner"
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": "imtext-pipeline-runner", "namespace": NAMESPACE}
     ]
+
+
+def test_role_check_sees_wildcards():
+    """Guards the test above: a wildcard rule must count as creating pods."""
+    role = {"rules": [{"apiGroups": ["*"], "resources": ["*"], "verbs": ["get", "create"]}]}
+    assert role_allows(role, "", "pods", "create")
+    assert role_allows(role, "kubeflow.org", "pytorchjobs", "create")
+    assert not role_allows(role, "", "pods", "delete")
+
+
+def test_no_pipeline_step_starts_pods_or_claims():
+    """The Role grants no create on pods, PVCs or PyTorchJobs because no step makes any: a step
+    that starts to (kfp.kubernetes.CreatePVC, the Kubernetes client, a PyTorchJob manifest) must
+    get its verbs in k8s/base/rbac.yaml, with a test."""
+    starters = re.compile(r"CreatePVC|DeletePVC|kubernetes\.client|create_namespaced|PyTorchJob")
+    sources = sorted((REPO / "pipelines").glob("*.py")) + sorted((REPO / "components").glob("*.py"))
+    assert len(sources) >= 10
+    for path in sources:
+        found = starters.search(path.read_text())
+        assert not found, f"{path.relative_to(REPO)}: {found.group(0)}: update rbac.yaml"
 
 
 def test_pytorchjob_runs_finetune_under_torchrun_with_real_cli_flags(objects):
