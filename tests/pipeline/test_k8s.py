@@ -8,6 +8,7 @@ lack) is checked structurally, its pod templates against the Pod schema.
 from __future__ import annotations
 
 import base64
+import configparser
 import copy
 import os
 import re
@@ -39,6 +40,8 @@ PROJECT_IMAGE = f"ghcr.io/imtext/imtext:{PROJECT['version']}"  # docker/build-pu
 PIPELINE_SECRET = "imtext-credentials"
 PIPELINE_SECRET_KEYS = {
     "MLFLOW_TRACKING_URI",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
     "MLFLOW_S3_ENDPOINT_URL",
     "AWS_ACCESS_KEY_ID",
     "AWS_SECRET_ACCESS_KEY",
@@ -203,7 +206,7 @@ def test_every_container_has_requests_limits_and_runs_non_root(objects):
         assert "ALL" in sc.get("capabilities", {}).get("drop", []), where
         seccomp = sc.get("seccompProfile", pod_sc.get("seccompProfile", {}))
         assert seccomp.get("type") == "RuntimeDefault", where
-    assert seen >= 6  # mlflow, postgres, minio, bucket job, Master, Worker
+    assert seen >= 7  # mlflow, postgres, minio, bucket job, MLflow user job, Master, Worker
 
 
 def test_images_are_pinned_and_the_project_image_is_the_built_one(objects):
@@ -523,7 +526,7 @@ def test_every_root_filesystem_is_read_only_with_volumes_where_processes_write(o
                 assert sc.get("readOnlyRootFilesystem") is True, f"{where}/{c['name']}"
                 missing = unwritable(pod, c, templates)
                 assert not missing, f"{where}/{c['name']}: nothing writable at {missing}"
-    assert seen >= 6
+    assert seen >= 7
 
 
 def test_the_writable_path_check_catches_a_missing_volume(objects):
@@ -573,3 +576,94 @@ def test_minio_console_is_in_no_service(objects):
             for p in service["spec"]["ports"]:
                 exposed.add(container_port(minio["spec"], p.get("targetPort", p["port"])))
     assert exposed == {9000}, f"MinIO's Services reach container ports {sorted(exposed)}"
+
+
+# --- MLflow authentication -------------------------------------------------------------------
+
+MLFLOW_AUTH_SECRET = "imtext-mlflow-auth"
+
+
+def env_sources(c: dict) -> dict[str, tuple[str, str] | str]:
+    """Environment variable -> (secret, key) for secretKeyRefs, else its literal value."""
+    found = {}
+    for e in c.get("env", []):
+        ref = e.get("valueFrom", {}).get("secretKeyRef")
+        found[e["name"]] = (ref["name"], ref["key"]) if ref else e.get("value")
+    return found
+
+
+def mounted_file(objects, pod: dict, c: dict, path: str) -> str:
+    """The text of `path` in the container, when a ConfigMap volume holds it."""
+    for m in c.get("volumeMounts", []):
+        prefix = m["mountPath"].rstrip("/") + "/"
+        if path.startswith(prefix):
+            volume = next(v for v in pod["volumes"] if v["name"] == m["name"])
+            name = volume["configMap"]["name"]
+            configmap = one(objects, "ConfigMap", name)
+            return configmap["data"][path[len(prefix) :]]
+    raise AssertionError(f"nothing mounted at {path}")
+
+
+def test_mlflow_server_requires_authentication(objects):
+    deployment = one(objects, "Deployment", "imtext-mlflow")
+    pod = deployment["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert "--app-name=basic-auth" in c["args"]
+    env = env_sources(c)
+    assert env["MLFLOW_AUTH_ADMIN_USERNAME"] == (MLFLOW_AUTH_SECRET, "MLFLOW_AUTH_ADMIN_USERNAME")
+    assert env["MLFLOW_AUTH_ADMIN_PASSWORD"] == (MLFLOW_AUTH_SECRET, "MLFLOW_AUTH_ADMIN_PASSWORD")
+    # static, so that every worker and replica accepts the login form's CSRF token
+    assert env["MLFLOW_FLASK_SERVER_SECRET_KEY"][0] == MLFLOW_AUTH_SECRET
+    config = configparser.ConfigParser()
+    config.read_string(mounted_file(objects, pod, c, env["MLFLOW_AUTH_CONFIG_PATH"]))
+    auth = config["mlflow"]
+    assert auth["default_permission"] in {"READ", "NO_PERMISSIONS"}
+    assert auth["authorization_function"].endswith(":authenticate_request_basic_auth")
+    assert "admin_password" not in auth  # from the secret, never a file in git
+    # Users in the PostgreSQL database (a SQLite file in the pod would vanish on restart and
+    # differ between replicas); the login comes from libpq's variables, not the file.
+    uri = auth["database_uri"]
+    assert uri.startswith("postgresql") and "@" not in uri, uri
+    assert env["PGUSER"] == ("imtext-postgres", "POSTGRES_USER")
+    assert env["PGPASSWORD"] == ("imtext-postgres", "POSTGRES_PASSWORD")
+    assert env["PGDATABASE"] == ("imtext-postgres", "POSTGRES_DB")
+
+
+def test_clients_log_in_as_their_own_mlflow_user(objects):
+    secrets = {o["metadata"]["name"]: secret_data(o) for o in objects if o["kind"] == "Secret"}
+    client = secrets[PIPELINE_SECRET]
+    admin = secrets[MLFLOW_AUTH_SECRET]
+    assert client["MLFLOW_TRACKING_USERNAME"] != admin["MLFLOW_AUTH_ADMIN_USERNAME"]
+    for key in ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"):
+        assert admin[key].startswith(PLACEHOLDER), key
+    for value in (client["MLFLOW_TRACKING_PASSWORD"], admin["MLFLOW_AUTH_ADMIN_PASSWORD"]):
+        assert len(value) >= 12  # MLflow refuses shorter passwords, placeholders included
+    # The Job that makes the client's user signs in as the admin, with both from the secrets.
+    job = one(objects, "Job", "imtext-mlflow-setup")
+    pod = job["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    env = env_sources(c)
+    assert env["MLFLOW_TRACKING_USERNAME"] == (PIPELINE_SECRET, "MLFLOW_TRACKING_USERNAME")
+    assert env["MLFLOW_TRACKING_PASSWORD"] == (PIPELINE_SECRET, "MLFLOW_TRACKING_PASSWORD")
+    assert env["MLFLOW_AUTH_ADMIN_PASSWORD"] == (MLFLOW_AUTH_SECRET, "MLFLOW_AUTH_ADMIN_PASSWORD")
+    script = c["command"][-1]
+    assert (
+        mounted_file(objects, pod, c, script)
+        == (K8S / "base" / "mlflow-auth" / "create_user.py").read_text()
+    )
+    # The training pods get the same client identity (envFrom the pipeline secret).
+    for _, _, c in containers([one(objects, "PyTorchJob", "imtext-finetune")]):
+        assert {"secretRef": {"name": PIPELINE_SECRET}} in c["envFrom"]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="pipelines/cluster.py (outside k8s/) does not yet pass MLFLOW_TRACKING_USERNAME/"
+    "PASSWORD from the secret to register and promote; remove this mark with that change",
+)
+def test_pipeline_steps_get_the_mlflow_login():
+    from pipelines.cluster import MLFLOW_ENV, SECRET_ENV
+
+    for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        assert MLFLOW_ENV.get(key) == key
+    assert SECRET_ENV["register"] is MLFLOW_ENV and SECRET_ENV["promote"] is MLFLOW_ENV
