@@ -667,3 +667,155 @@ def test_pipeline_steps_get_the_mlflow_login():
     for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
         assert MLFLOW_ENV.get(key) == key
     assert SECRET_ENV["register"] is MLFLOW_ENV and SECRET_ENV["promote"] is MLFLOW_ENV
+
+
+# --- NetworkPolicies -------------------------------------------------------------------------
+
+KFP_STEP = {"pipelines.kubeflow.org/v2_component": "true"}
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    """Kubernetes label-selector semantics (matchLabels and matchExpressions)."""
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for expr in selector.get("matchExpressions", []):
+        key, op, values = expr["key"], expr["operator"], expr.get("values", [])
+        ok = {
+            "In": key in labels and labels[key] in values,
+            "NotIn": key not in labels or labels[key] not in values,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }[op]
+        if not ok:
+            return False
+    return True
+
+
+def port_matches(rule_port: dict, dst: dict, port: int) -> bool:
+    if rule_port.get("protocol", "TCP") != "TCP":
+        return False
+    if "port" not in rule_port:
+        return True
+    first = container_port(dst["spec"], rule_port["port"])
+    return first is not None and first <= port <= rule_port.get("endPort", first)
+
+
+def ingress_allowed(objects, dst: dict, port: int, src_ns: str, src_labels: dict) -> bool:
+    """Whether the rendered NetworkPolicies let a pod (src_ns, src_labels) open TCP `port` of the
+    pod template `dst` in namespace imtext. A pod no Ingress policy selects accepts everything."""
+    policies = [
+        p
+        for p in objects
+        if p["kind"] == "NetworkPolicy"
+        and "Ingress" in p["spec"].get("policyTypes", ["Ingress"])
+        and selects(p["spec"]["podSelector"], dst["metadata"]["labels"])
+    ]
+    if not policies:
+        return True
+    src_ns_labels = {"kubernetes.io/metadata.name": src_ns}
+    for policy in policies:
+        for rule in policy["spec"].get("ingress") or []:
+            ports = rule.get("ports")
+            if ports and not any(port_matches(p, dst, port) for p in ports):
+                continue
+            peers = rule.get("from")
+            if not peers:
+                return True
+            for peer in peers:
+                if "ipBlock" in peer:
+                    continue
+                if "namespaceSelector" in peer:
+                    ns_ok = selects(peer["namespaceSelector"], src_ns_labels)
+                else:
+                    ns_ok = src_ns == policy["metadata"]["namespace"]
+                if ns_ok and selects(peer.get("podSelector", {}), src_labels):
+                    return True
+    return False
+
+
+def pod_template(objects, kind: str, name: str) -> dict:
+    return one(objects, kind, name)["spec"]["template"]
+
+
+def sources(objects) -> dict[str, tuple[str, dict]]:
+    """Every pod that might connect: (namespace, labels) by a readable name."""
+    found = {}
+    for obj in objects:
+        for where, _ in pod_specs(obj):
+            if obj["kind"] == "PyTorchJob":
+                rtype = where.rsplit("/", 1)[1]
+                labels = obj["spec"]["pytorchReplicaSpecs"][rtype]["template"]["metadata"]
+            else:
+                labels = obj["spec"]["template"]["metadata"]
+            found[where] = (NAMESPACE, labels["labels"])
+    found |= {
+        "KFP step in imtext": (NAMESPACE, KFP_STEP),
+        "KFP step in kubeflow": ("kubeflow", KFP_STEP),
+        "KFP step in another namespace": ("team-a", KFP_STEP),
+        "another pod in imtext": (NAMESPACE, {"app": "notebook"}),
+        "an 'imtext-mlflow' in another namespace": (
+            "team-a",
+            {"app.kubernetes.io/name": "imtext-mlflow"},
+        ),
+    }
+    return found
+
+
+#: (service, port) -> who may connect; everyone else must be refused.
+EXPECTED_CLIENTS = {
+    ("imtext-postgres", 5432): {"Deployment/imtext-mlflow"},
+    ("imtext-mlflow", 5000): {
+        "KFP step in imtext",
+        "KFP step in kubeflow",
+        "Job/imtext-mlflow-setup",
+    },
+    ("imtext-minio", 9000): {
+        "Deployment/imtext-mlflow",
+        "Job/imtext-minio-setup",
+        "PyTorchJob/imtext-finetune/Master",
+        "PyTorchJob/imtext-finetune/Worker",
+        "KFP step in imtext",
+        "KFP step in kubeflow",
+    },
+    ("imtext-minio", 9001): set(),  # the console: port-forward only
+}
+SERVER_KIND = {"imtext-postgres": "StatefulSet", "imtext-mlflow": "Deployment"}
+
+
+def allowed_clients(objects, service: str, port: int) -> set[str]:
+    dst = pod_template(objects, SERVER_KIND.get(service, "Deployment"), service)
+    return {
+        name
+        for name, (ns, labels) in sources(objects).items()
+        if ingress_allowed(objects, dst, port, ns, labels)
+    }
+
+
+def test_services_are_reachable_only_from_the_pods_that_need_them(objects):
+    for (service, port), expected in EXPECTED_CLIENTS.items():
+        allowed = allowed_clients(objects, service, port)
+        assert allowed == expected, (
+            f"{service}:{port}: also from {sorted(allowed - expected)}, "
+            f"not from {sorted(expected - allowed)}"
+        )
+
+
+def test_a_default_deny_covers_every_server(objects):
+    """Even with every allow policy deleted, nobody reaches the three servers."""
+    deny_only = [o for o in objects if o["kind"] != "NetworkPolicy" or not o["spec"].get("ingress")]
+    assert any(o["kind"] == "NetworkPolicy" for o in deny_only)
+    for service, port in EXPECTED_CLIENTS:
+        assert allowed_clients(deny_only, service, port) == set(), service
+
+
+def test_the_network_check_sees_an_open_policy(objects):
+    """Guards the tests above: one policy that admits everyone to PostgreSQL must show up."""
+    open_to_all = {
+        "kind": "NetworkPolicy",
+        "metadata": {"name": "x", "namespace": NAMESPACE},
+        "spec": {"podSelector": {}, "policyTypes": ["Ingress"], "ingress": [{}]},
+    }
+    allowed = allowed_clients(objects + [open_to_all], "imtext-postgres", 5432)
+    assert "another pod in imtext" in allowed and "KFP step in another namespace" in allowed
+    no_policies = [o for o in objects if o["kind"] != "NetworkPolicy"]
+    assert "another pod in imtext" in allowed_clients(no_policies, "imtext-mlflow", 5000)
