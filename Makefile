@@ -5,7 +5,7 @@ BIN := $(abspath $(VENV))/bin
 STAMP := $(VENV)/.installed
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install run repro data test test-fast format clean image
+.PHONY: install run repro data test test-fast format clean image deploy
 
 install: $(STAMP)
 
@@ -51,6 +51,15 @@ format: install
 # Needs docker buildx (or CONTAINER_ENGINE=podman); PUSH=0 builds only.
 image:
 	docker/build-push.sh
+
+# The cluster side (k8s/README.md): refuse an overlay whose secrets are still the placeholders of
+# k8s/base, then apply it. OVERLAY: your own overlay, which replaces them. For a throw-away
+# kind/minikube cluster only: CHECK_SECRETS_FLAGS=--allow-placeholders.
+OVERLAY ?= k8s/overlays/gpu
+CHECK_SECRETS_FLAGS ?=
+deploy:
+	python3 k8s/check_secrets.py $(CHECK_SECRETS_FLAGS) $(OVERLAY)
+	kubectl apply -k $(OVERLAY)
 
 clean:
 	rm -rf artifacts .pytest_cache

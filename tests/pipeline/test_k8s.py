@@ -819,3 +819,138 @@ def test_the_network_check_sees_an_open_policy(objects):
     assert "another pod in imtext" in allowed and "KFP step in another namespace" in allowed
     no_policies = [o for o in objects if o["kind"] != "NetworkPolicy"]
     assert "another pod in imtext" in allowed_clients(no_policies, "imtext-mlflow", 5000)
+
+
+# --- The deploy-time secret check ------------------------------------------------------------
+
+CHECK = K8S / "check_secrets.py"
+#: Values fit to deploy, for every key the base's secrets hold.
+REAL_SECRETS = {
+    "imtext-credentials": {
+        "MLFLOW_TRACKING_URI": "http://imtext-mlflow.imtext.svc.cluster.local:5000",
+        "MLFLOW_TRACKING_USERNAME": "imtext-pipeline",
+        "MLFLOW_TRACKING_PASSWORD": "Vb7-pipeline-mlflow-pw",
+        "MLFLOW_S3_ENDPOINT_URL": "http://imtext-minio.imtext.svc.cluster.local:9000",
+        "AWS_ACCESS_KEY_ID": "imtext-pipeline",
+        "AWS_SECRET_ACCESS_KEY": "q8Rr2-pipeline-s3-secret",
+    },
+    "imtext-mlflow-server": {
+        "AWS_ACCESS_KEY_ID": "imtext-mlflow",
+        "AWS_SECRET_ACCESS_KEY": "w4Tt9-mlflow-s3-secret",
+    },
+    "imtext-mlflow-auth": {
+        "MLFLOW_AUTH_ADMIN_USERNAME": "admin",
+        "MLFLOW_AUTH_ADMIN_PASSWORD": "Zx3-admin-mlflow-pw",
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": "k2Jq8-flask-csrf-key",
+    },
+    "imtext-postgres": {
+        "POSTGRES_USER": "mlflow",
+        "POSTGRES_PASSWORD": "Pg5-real_password.x",
+        "POSTGRES_DB": "mlflow",
+    },
+    "imtext-minio": {"MINIO_ROOT_USER": "imtext-admin", "MINIO_ROOT_PASSWORD": "m1N-root-pw-x"},
+}
+
+
+def check_secrets(overlay: Path, *flags: str) -> subprocess.CompletedProcess:
+    kubectl()  # skips (or fails in CI) without it, like the other tests
+    return subprocess.run(
+        [sys.executable, str(CHECK), *flags, str(overlay)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def my_overlay(tmp_path: Path, secrets: dict[str, dict[str, str]]) -> Path:
+    """An overlay of k8s/overlays/gpu that replaces the base's secrets, as k8s/README.md says."""
+    (tmp_path / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": [os.path.relpath(K8S / "overlays" / "gpu", tmp_path)],
+                "secretGenerator": [
+                    {
+                        "name": name,
+                        "namespace": NAMESPACE,
+                        "behavior": "replace",
+                        "options": {"disableNameSuffixHash": True},
+                        "literals": [f"{k}={v}" for k, v in data.items()],
+                    }
+                    for name, data in secrets.items()
+                ],
+            }
+        )
+    )
+    return tmp_path
+
+
+def test_secret_check_refuses_every_placeholder_naming_secret_and_key():
+    base = {o["metadata"]["name"]: secret_data(o) for o in render("gpu") if o["kind"] == "Secret"}
+    placeholders = {
+        (name, key) for name, data in base.items() for key, v in data.items() if PLACEHOLDER in v
+    }
+    assert len(placeholders) >= 7
+    result = check_secrets(K8S / "overlays" / "gpu")
+    assert result.returncode == 1, result.stdout + result.stderr
+    for name, key in placeholders:
+        assert f"Secret {name}, key {key}: still a placeholder" in result.stderr, (name, key)
+    assert result.stderr.count("still a placeholder") == len(placeholders)
+
+
+def test_secret_check_accepts_real_values(tmp_path):
+    result = check_secrets(my_overlay(tmp_path, REAL_SECRETS))
+    assert result.returncode == 0, result.stderr
+    assert "no placeholders" in result.stdout
+    assert "Pg5-real_password" not in result.stdout + result.stderr  # never echoes a value
+
+
+def test_secret_check_refuses_one_placeholder_left(tmp_path):
+    secrets = copy.deepcopy(REAL_SECRETS)
+    secrets["imtext-postgres"]["POSTGRES_PASSWORD"] = "change-me-postgres-password"
+    result = check_secrets(my_overlay(tmp_path, secrets))
+    assert result.returncode == 1
+    (line,) = [ln for ln in result.stderr.splitlines() if "key " in ln]
+    assert "Secret imtext-postgres, key POSTGRES_PASSWORD" in line
+
+
+@pytest.mark.parametrize(
+    ("secret", "key", "value", "why"),
+    [
+        ("imtext-mlflow-auth", "MLFLOW_AUTH_ADMIN_PASSWORD", "short-pw", "at least 12"),
+        ("imtext-credentials", "MLFLOW_TRACKING_PASSWORD", "", "empty"),
+        ("imtext-postgres", "POSTGRES_PASSWORD", "p@ss/word:1234", "not URL-safe"),
+    ],
+)
+def test_secret_check_refuses_values_the_services_reject(tmp_path, secret, key, value, why):
+    secrets = copy.deepcopy(REAL_SECRETS)
+    secrets[secret][key] = value
+    result = check_secrets(my_overlay(tmp_path, secrets))
+    assert result.returncode == 1, result.stdout
+    assert f"Secret {secret}, key {key}" in result.stderr and why in result.stderr
+    if value:
+        assert value not in result.stderr
+
+
+def test_secret_check_flags_and_failures(tmp_path):
+    result = check_secrets(K8S / "overlays" / "local", "--allow-placeholders")
+    assert result.returncode == 0 and "warning" in result.stderr
+    (tmp_path / "kustomization.yaml").write_text("resources: [missing.yaml]\n")
+    result = check_secrets(tmp_path)
+    assert result.returncode == 2 and "kustomize" in result.stderr
+
+
+def test_make_deploy_checks_the_secrets_before_applying():
+    result = subprocess.run(
+        ["make", "-n", "deploy", "OVERLAY=my-cluster"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    lines = result.stdout.splitlines()
+    check = next(i for i, ln in enumerate(lines) if "k8s/check_secrets.py" in ln)
+    apply = next(i for i, ln in enumerate(lines) if "kubectl apply -k my-cluster" in ln)
+    assert check < apply and lines[check].endswith(" my-cluster")
