@@ -54,11 +54,11 @@ image:
 
 # The cluster side (k8s/README.md): refuse an overlay whose secrets are still the placeholders of
 # k8s/base, then apply it. OVERLAY: your own overlay, which replaces them. For a throw-away
-# kind/minikube cluster only: CHECK_SECRETS_FLAGS=--allow-placeholders.
+# kind/minikube cluster only: ALLOW_PLACEHOLDERS=1 (reports them, applies anyway).
 OVERLAY ?= k8s/overlays/gpu
-CHECK_SECRETS_FLAGS ?=
+ALLOW_PLACEHOLDERS ?=
 deploy:
-	python3 k8s/check_secrets.py $(CHECK_SECRETS_FLAGS) $(OVERLAY)
+	python3 k8s/check_secrets.py $(if $(ALLOW_PLACEHOLDERS),--allow-placeholders) $(OVERLAY)
 	kubectl apply -k $(OVERLAY)
 
 clean:

@@ -941,16 +941,23 @@ def test_secret_check_flags_and_failures(tmp_path):
     assert result.returncode == 2 and "kustomize" in result.stderr
 
 
-def test_make_deploy_checks_the_secrets_before_applying():
+def make_deploy_lines(*settings: str) -> list[str]:
     result = subprocess.run(
-        ["make", "-n", "deploy", "OVERLAY=my-cluster"],
+        ["make", "-n", "deploy", "OVERLAY=my-cluster", *settings],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=60,
         check=True,
     )
-    lines = result.stdout.splitlines()
+    return result.stdout.splitlines()
+
+
+def test_make_deploy_checks_the_secrets_before_applying():
+    lines = make_deploy_lines()
     check = next(i for i, ln in enumerate(lines) if "k8s/check_secrets.py" in ln)
     apply = next(i for i, ln in enumerate(lines) if "kubectl apply -k my-cluster" in ln)
     assert check < apply and lines[check].endswith(" my-cluster")
+    assert "--allow-placeholders" not in lines[check]
+    (check,) = [ln for ln in make_deploy_lines("ALLOW_PLACEHOLDERS=1") if "check_secrets" in ln]
+    assert "--allow-placeholders" in check
