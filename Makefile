@@ -36,16 +36,16 @@ repro: data
 	dvc status
 
 test: install
-	ruff check src tests bench components pipelines
-	ruff format --check src tests bench components pipelines
+	ruff check src tests bench components pipelines k8s
+	ruff format --check src tests bench components pipelines k8s
 	pytest
 
 test-fast: install
 	pytest -m "not slow"
 
 format: install
-	ruff format src tests bench components pipelines
-	ruff check --fix src tests bench components pipelines
+	ruff format src tests bench components pipelines k8s
+	ruff check --fix src tests bench components pipelines k8s
 
 # The container image: builds and pushes $IMTEXT_IMAGE (default ghcr.io/imtext/imtext:<version>).
 # Needs docker buildx (or CONTAINER_ENGINE=podman); PUSH=0 builds only.
