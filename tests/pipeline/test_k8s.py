@@ -10,12 +10,16 @@ from __future__ import annotations
 import base64
 import configparser
 import copy
+import http.server
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import threading
 import tomllib
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -961,3 +965,77 @@ def test_make_deploy_checks_the_secrets_before_applying():
     assert "--allow-placeholders" not in lines[check]
     (check,) = [ln for ln in make_deploy_lines("ALLOW_PLACEHOLDERS=1") if "check_secrets" in ln]
     assert "--allow-placeholders" in check
+
+
+class FakeMlflowUsers(http.server.BaseHTTPRequestHandler):
+    """MLflow's user API as far as create_user.py uses it, behind basic auth for one admin."""
+
+    admin = "Basic " + base64.b64encode(b"admin:admin-password-1").decode()
+    users: dict[str, str] = {}
+
+    def log_message(self, *args):  # keep pytest's output clean
+        pass
+
+    def reply(self, status: int, body: dict | None = None):
+        self.send_response(status)
+        self.end_headers()
+        self.wfile.write(json.dumps(body or {}).encode())
+
+    def handle_request(self):
+        url = urllib.parse.urlsplit(self.path)
+        if url.path == "/health":
+            return self.reply(200)
+        if self.headers.get("Authorization") != self.admin:
+            return self.reply(401)
+        length = int(self.headers.get("Content-Length") or 0)
+        body = json.loads(self.rfile.read(length) or b"{}")
+        if self.command == "GET" and url.path.endswith("/users/get"):
+            (name,) = urllib.parse.parse_qs(url.query)["username"]
+            return self.reply(200 if name in self.users else 404)
+        if self.command == "POST" and url.path.endswith("/users/create"):
+            self.users[body["username"]] = body["password"]
+            return self.reply(200)
+        if self.command == "PATCH" and url.path.endswith("/users/update-password"):
+            self.users[body["username"]] = body["password"]
+            return self.reply(200)
+        return self.reply(400)
+
+    do_GET = do_POST = do_PATCH = handle_request
+
+
+def test_mlflow_user_job_creates_then_updates_the_pipeline_user():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeMlflowUsers)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    FakeMlflowUsers.users = {}
+
+    def run(**env: str) -> subprocess.CompletedProcess:
+        base = {
+            "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{server.server_address[1]}",
+            "MLFLOW_AUTH_ADMIN_USERNAME": "admin",
+            "MLFLOW_AUTH_ADMIN_PASSWORD": "admin-password-1",
+            "MLFLOW_TRACKING_USERNAME": "imtext-pipeline",
+            "MLFLOW_TRACKING_PASSWORD": "pipeline-password-1",
+        }
+        return subprocess.run(
+            [sys.executable, str(K8S / "base" / "mlflow-auth" / "create_user.py")],
+            env={"PATH": os.environ["PATH"]} | base | env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    try:
+        result = run()
+        assert result.returncode == 0 and "created" in result.stdout, result.stderr
+        result = run(MLFLOW_TRACKING_PASSWORD="pipeline-password-2")
+        assert result.returncode == 0 and "password set" in result.stdout, result.stderr
+        assert FakeMlflowUsers.users == {"imtext-pipeline": "pipeline-password-2"}
+        result = run(MLFLOW_AUTH_ADMIN_PASSWORD="wrong-password")
+        assert result.returncode == 1 and "HTTP 401" in result.stderr
+        result = run(MLFLOW_TRACKING_USERNAME="admin")  # the pipeline must not be the admin
+        assert result.returncode == 2 and "admin" in result.stderr
+        result = run(MLFLOW_TRACKING_PASSWORD="")
+        assert result.returncode == 2 and "MLFLOW_TRACKING_PASSWORD" in result.stderr
+        assert FakeMlflowUsers.users == {"imtext-pipeline": "pipeline-password-2"}
+    finally:
+        server.shutdown()
