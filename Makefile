@@ -5,7 +5,7 @@ BIN := $(abspath $(VENV))/bin
 STAMP := $(VENV)/.installed
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install run repro data test test-fast format clean image
+.PHONY: install run repro data test test-fast format clean image deploy
 
 install: $(STAMP)
 
@@ -36,21 +36,30 @@ repro: data
 	dvc status
 
 test: install
-	ruff check src tests bench components pipelines
-	ruff format --check src tests bench components pipelines
+	ruff check src tests bench components pipelines k8s
+	ruff format --check src tests bench components pipelines k8s
 	pytest
 
 test-fast: install
 	pytest -m "not slow"
 
 format: install
-	ruff format src tests bench components pipelines
-	ruff check --fix src tests bench components pipelines
+	ruff format src tests bench components pipelines k8s
+	ruff check --fix src tests bench components pipelines k8s
 
 # The container image: builds and pushes $IMTEXT_IMAGE (default ghcr.io/imtext/imtext:<version>).
 # Needs docker buildx (or CONTAINER_ENGINE=podman); PUSH=0 builds only.
 image:
 	docker/build-push.sh
+
+# The cluster side (k8s/README.md): refuse an overlay whose secrets are still the placeholders of
+# k8s/base, then apply it. OVERLAY: your own overlay, which replaces them. For a throw-away
+# kind/minikube cluster only: ALLOW_PLACEHOLDERS=1 (reports them, applies anyway).
+OVERLAY ?= k8s/overlays/gpu
+ALLOW_PLACEHOLDERS ?=
+deploy:
+	python3 k8s/check_secrets.py $(if $(ALLOW_PLACEHOLDERS),--allow-placeholders) $(OVERLAY)
+	kubectl apply -k $(OVERLAY)
 
 clean:
 	rm -rf artifacts .pytest_cache

@@ -8,12 +8,18 @@ lack) is checked structurally, its pod templates against the Pod schema.
 from __future__ import annotations
 
 import base64
+import configparser
+import copy
+import http.server
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import threading
 import tomllib
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -38,6 +44,8 @@ PROJECT_IMAGE = f"ghcr.io/imtext/imtext:{PROJECT['version']}"  # docker/build-pu
 PIPELINE_SECRET = "imtext-credentials"
 PIPELINE_SECRET_KEYS = {
     "MLFLOW_TRACKING_URI",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
     "MLFLOW_S3_ENDPOINT_URL",
     "AWS_ACCESS_KEY_ID",
     "AWS_SECRET_ACCESS_KEY",
@@ -202,7 +210,7 @@ def test_every_container_has_requests_limits_and_runs_non_root(objects):
         assert "ALL" in sc.get("capabilities", {}).get("drop", []), where
         seccomp = sc.get("seccompProfile", pod_sc.get("seccompProfile", {}))
         assert seccomp.get("type") == "RuntimeDefault", where
-    assert seen >= 6  # mlflow, postgres, minio, bucket job, Master, Worker
+    assert seen >= 7  # mlflow, postgres, minio, bucket job, MLflow user job, Master, Worker
 
 
 def test_images_are_pinned_and_the_project_image_is_the_built_one(objects):
@@ -310,27 +318,81 @@ def test_object_store_and_its_buckets(objects):
         assert bucket in script.split("for bucket in ")[1].split(";")[0], bucket
 
 
-def test_pipeline_runner_may_read_its_secret_and_start_training(objects):
+#: What lets an identity run code of its choosing, mount any secret of the namespace or act as
+#: another identity: creating (or changing) a workload, exec/attach into a pod, minting tokens.
+#: (group, resource); "*" anywhere in a rule counts as all of these.
+POD_STARTERS = {
+    ("", "pods"),
+    ("", "pods/exec"),
+    ("", "pods/attach"),
+    ("", "pods/ephemeralcontainers"),
+    ("", "replicationcontrollers"),
+    ("", "serviceaccounts/token"),
+    ("apps", "deployments"),
+    ("apps", "statefulsets"),
+    ("apps", "daemonsets"),
+    ("apps", "replicasets"),
+    ("batch", "jobs"),
+    ("batch", "cronjobs"),
+    ("kubeflow.org", "pytorchjobs"),
+    ("argoproj.io", "workflows"),
+}
+WRITE_VERBS = {"create", "update", "patch", "*"}
+
+
+def role_allows(role: dict, group: str, resource: str, verb: str, name: str | None = None) -> bool:
+    """Whether one of the Role's rules grants `verb` on `resource` (wildcards included)."""
+    return any(
+        {group, "*"} & set(rule.get("apiGroups", []))
+        and {resource, "*"} & set(rule.get("resources", []))
+        and {verb, "*"} & set(rule.get("verbs", []))
+        and (name is None or name in rule.get("resourceNames", [name]))
+        for rule in role["rules"]
+    )
+
+
+def test_pipeline_runner_reads_only_its_secrets_and_starts_nothing(objects):
     one(objects, "ServiceAccount", "imtext-pipeline-runner")
     role = one(objects, "Role", "imtext-pipeline-runner")
-
-    def allowed(group: str, resource: str, verb: str, name: str | None = None) -> bool:
-        return any(
-            group in rule["apiGroups"]
-            and resource in rule["resources"]
-            and verb in rule["verbs"]
-            and (name is None or name in rule.get("resourceNames", [name]))
-            for rule in role["rules"]
-        )
-
-    assert allowed("", "secrets", "get", PIPELINE_SECRET)
-    assert not allowed("", "secrets", "list")  # only the named secrets
-    assert allowed("", "pods", "create") and allowed("kubeflow.org", "pytorchjobs", "create")
+    assert role_allows(role, "", "secrets", "get", PIPELINE_SECRET)
+    assert not role_allows(role, "", "secrets", "list")  # only the named secrets
+    assert not role_allows(role, "", "secrets", "get", "imtext-postgres")
+    # Argo's executor reports outputs; KFP's launcher reads its settings and its own pod.
+    assert role_allows(role, "argoproj.io", "workflowtaskresults", "create")
+    assert role_allows(role, "", "configmaps", "get", "kfp-launcher")
+    assert role_allows(role, "", "pods", "get")
+    assert not role_allows(role, "", "persistentvolumeclaims", "create")  # no step makes one
+    for group, resource in sorted(POD_STARTERS):
+        for verb in sorted(WRITE_VERBS):
+            assert not role_allows(role, group, resource, verb), (
+                f"Role imtext-pipeline-runner may {verb} {group or 'core'}/{resource}: that lets "
+                "a pipeline run mount any secret of the namespace; no step needs it"
+            )
     binding = one(objects, "RoleBinding", "imtext-pipeline-runner")
     assert binding["roleRef"]["name"] == "imtext-pipeline-runner"
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": "imtext-pipeline-runner", "namespace": NAMESPACE}
     ]
+
+
+def test_role_check_sees_wildcards():
+    """Guards the test above: a wildcard rule must count as creating pods."""
+    role = {"rules": [{"apiGroups": ["*"], "resources": ["*"], "verbs": ["get", "create"]}]}
+    assert role_allows(role, "", "pods", "create")
+    assert role_allows(role, "kubeflow.org", "pytorchjobs", "create")
+    assert not role_allows(role, "", "pods", "delete")
+
+
+def test_no_pipeline_step_starts_pods_or_claims():
+    """The Role grants no create on pods, PVCs or PyTorchJobs because no step makes any: a step
+    that starts to (kfp.kubernetes.CreatePVC, the Kubernetes client, a PyTorchJob manifest) must
+    get its verbs in k8s/base/rbac.yaml, with a test."""
+    starters = re.compile(r"CreatePVC|DeletePVC|kubernetes\.client|create_namespaced|PyTorchJob")
+    sources = sorted((REPO / "pipelines").glob("*.py")) + sorted((REPO / "components").glob("*.py"))
+    assert len(sources) >= 10
+    for path in sources:
+        found = starters.search(path.read_text())
+        assert not found, f"{path.relative_to(REPO)}: {found.group(0)}: update rbac.yaml"
 
 
 def test_pytorchjob_runs_finetune_under_torchrun_with_real_cli_flags(objects):
@@ -406,3 +468,574 @@ def test_base_renders_on_its_own():
     kinds = {doc["kind"] for doc in yaml.safe_load_all(result.stdout) if doc}
     assert "PyTorchJob" not in kinds  # training is a component the overlays opt into
     assert Path(K8S / "training" / "kustomization.yaml").is_file()
+
+
+# --- Read-only root filesystems --------------------------------------------------------------
+
+#: Where the project image puts HOME and MPLCONFIGDIR (its Dockerfile's ENV).
+IMAGE_ENV = dict(re.findall(r"\b(HOME|MPLCONFIGDIR)=(\S+)", (REPO / "Dockerfile").read_text()))
+#: Environment variables naming a directory their program writes to.
+WRITTEN_ENV = ("HOME", "TMPDIR", "MPLCONFIGDIR", "MC_CONFIG_DIR", "PGDATA", "XDG_CACHE_HOME")
+#: Directories an image writes that no environment variable names, by image (without tag).
+IMAGE_WRITES = {
+    "ghcr.io/imtext/imtext": (IMAGE_ENV["HOME"], IMAGE_ENV["MPLCONFIGDIR"]),
+    "docker.io/library/postgres": ("/var/run/postgresql",),  # its Unix socket and lock file
+    "quay.io/minio/minio": ("/data",),  # `minio server /data`
+}
+
+
+def paths_written(c: dict) -> set[str]:
+    """Directories the container's processes write: /tmp, those its environment names (else its
+    image's defaults)."""
+    env = {e["name"]: e["value"] for e in c.get("env", []) if "value" in e}
+    paths = {"/tmp"} | {env[name] for name in WRITTEN_ENV if name in env}
+    image_defaults = IMAGE_WRITES.get(re.sub(r"[:@].*$", "", c["image"]), ())
+    if c["image"].startswith("ghcr.io/imtext/imtext") and "HOME" in env:
+        image_defaults = tuple(p for p in image_defaults if p != IMAGE_ENV["HOME"])
+    return paths | set(image_defaults)
+
+
+def unwritable(pod: dict, c: dict, templates: set[str] = frozenset()) -> list[str]:
+    """The paths of `paths_written` that no writable volume (emptyDir, claim) holds."""
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    missing = []
+    for path in sorted(paths_written(c)):
+        holders = [
+            m
+            for m in c.get("volumeMounts", [])
+            if path == m["mountPath"] or path.startswith(m["mountPath"].rstrip("/") + "/")
+        ]
+        # the innermost mount decides
+        holder = max(holders, key=lambda m: len(m["mountPath"]), default=None)
+        volume = volumes.get(holder["name"], {}) if holder else {}
+        writable = holder is not None and not holder.get("readOnly", False)
+        writable = writable and (
+            "emptyDir" in volume or "persistentVolumeClaim" in volume or holder["name"] in templates
+        )
+        if not writable:
+            missing.append(path)
+    return missing
+
+
+def test_every_root_filesystem_is_read_only_with_volumes_where_processes_write(objects):
+    seen = 0
+    for obj in objects:
+        templates = {
+            t["metadata"]["name"] for t in obj.get("spec", {}).get("volumeClaimTemplates", [])
+        }
+        for where, pod in pod_specs(obj):
+            for c in pod.get("initContainers", []) + pod["containers"]:
+                seen += 1
+                sc = c.get("securityContext", {})
+                assert sc.get("readOnlyRootFilesystem") is True, f"{where}/{c['name']}"
+                missing = unwritable(pod, c, templates)
+                assert not missing, f"{where}/{c['name']}: nothing writable at {missing}"
+    assert seen >= 7
+
+
+def test_the_writable_path_check_catches_a_missing_volume(objects):
+    """Guards the test above: without its /tmp emptyDir, or with /tmp from a ConfigMap, the
+    MLflow server has nowhere to write."""
+    pod = copy.deepcopy(one(objects, "Deployment", "imtext-mlflow")["spec"]["template"]["spec"])
+    (c,) = pod["containers"]
+    assert unwritable(pod, c) == []
+    assert "/tmp" in paths_written(c)
+    tmp = next(v for v in pod["volumes"] if v["name"] == "tmp")
+    tmp.pop("emptyDir")
+    tmp["configMap"] = {"name": "x"}
+    assert unwritable(pod, c) == ["/tmp"]
+    c["volumeMounts"] = [m for m in c["volumeMounts"] if m["mountPath"] != "/tmp"]
+    assert unwritable(pod, c) == ["/tmp"]
+    job = one(objects, "PyTorchJob", "imtext-finetune")
+    master = copy.deepcopy(job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"])
+    (c,) = master["containers"]
+    assert {IMAGE_ENV["HOME"], IMAGE_ENV["MPLCONFIGDIR"]} <= paths_written(c)
+    c["volumeMounts"] = [m for m in c["volumeMounts"] if m["mountPath"] != IMAGE_ENV["HOME"]]
+    assert unwritable(master, c) == [IMAGE_ENV["HOME"]]
+
+
+# --- MinIO's console -------------------------------------------------------------------------
+
+
+def container_port(pod: dict, port: int | str) -> int | None:
+    """A Service targetPort or NetworkPolicy port (number or name) as a container port number."""
+    if isinstance(port, int):
+        return port
+    for c in pod["containers"]:
+        for p in c.get("ports", []):
+            if p.get("name") == port:
+                return p["containerPort"]
+    return None
+
+
+def test_minio_console_is_in_no_service(objects):
+    minio = one(objects, "Deployment", "imtext-minio")["spec"]["template"]
+    labels = minio["metadata"]["labels"]
+    console = container_port(minio["spec"], "console")
+    assert console == 9001
+    exposed = set()
+    for service in (o for o in objects if o["kind"] == "Service"):
+        selector = service["spec"].get("selector", {})
+        if selector and selector.items() <= labels.items():
+            for p in service["spec"]["ports"]:
+                exposed.add(container_port(minio["spec"], p.get("targetPort", p["port"])))
+    assert exposed == {9000}, f"MinIO's Services reach container ports {sorted(exposed)}"
+
+
+# --- MLflow authentication -------------------------------------------------------------------
+
+MLFLOW_AUTH_SECRET = "imtext-mlflow-auth"
+
+
+def env_sources(c: dict) -> dict[str, tuple[str, str] | str]:
+    """Environment variable -> (secret, key) for secretKeyRefs, else its literal value."""
+    found = {}
+    for e in c.get("env", []):
+        ref = e.get("valueFrom", {}).get("secretKeyRef")
+        found[e["name"]] = (ref["name"], ref["key"]) if ref else e.get("value")
+    return found
+
+
+def mounted_file(objects, pod: dict, c: dict, path: str) -> str:
+    """The text of `path` in the container, when a ConfigMap volume holds it."""
+    for m in c.get("volumeMounts", []):
+        prefix = m["mountPath"].rstrip("/") + "/"
+        if path.startswith(prefix):
+            volume = next(v for v in pod["volumes"] if v["name"] == m["name"])
+            name = volume["configMap"]["name"]
+            configmap = one(objects, "ConfigMap", name)
+            return configmap["data"][path[len(prefix) :]]
+    raise AssertionError(f"nothing mounted at {path}")
+
+
+def test_mlflow_server_requires_authentication(objects):
+    deployment = one(objects, "Deployment", "imtext-mlflow")
+    pod = deployment["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert "--app-name=basic-auth" in c["args"]
+    env = env_sources(c)
+    assert env["MLFLOW_AUTH_ADMIN_USERNAME"] == (MLFLOW_AUTH_SECRET, "MLFLOW_AUTH_ADMIN_USERNAME")
+    assert env["MLFLOW_AUTH_ADMIN_PASSWORD"] == (MLFLOW_AUTH_SECRET, "MLFLOW_AUTH_ADMIN_PASSWORD")
+    # static, so that every worker and replica accepts the login form's CSRF token
+    assert env["MLFLOW_FLASK_SERVER_SECRET_KEY"][0] == MLFLOW_AUTH_SECRET
+    config = configparser.ConfigParser()
+    config.read_string(mounted_file(objects, pod, c, env["MLFLOW_AUTH_CONFIG_PATH"]))
+    auth = config["mlflow"]
+    assert auth["default_permission"] in {"READ", "NO_PERMISSIONS"}
+    assert auth["authorization_function"].endswith(":authenticate_request_basic_auth")
+    assert "admin_password" not in auth  # from the secret, never a file in git
+    # Users in the PostgreSQL database (a SQLite file in the pod would vanish on restart and
+    # differ between replicas); the login comes from libpq's variables, not the file.
+    uri = auth["database_uri"]
+    assert uri.startswith("postgresql") and "@" not in uri, uri
+    assert env["PGUSER"] == ("imtext-postgres", "POSTGRES_USER")
+    assert env["PGPASSWORD"] == ("imtext-postgres", "POSTGRES_PASSWORD")
+    assert env["PGDATABASE"] == ("imtext-postgres", "POSTGRES_DB")
+
+
+def test_clients_log_in_as_their_own_mlflow_user(objects):
+    secrets = {o["metadata"]["name"]: secret_data(o) for o in objects if o["kind"] == "Secret"}
+    client = secrets[PIPELINE_SECRET]
+    admin = secrets[MLFLOW_AUTH_SECRET]
+    assert client["MLFLOW_TRACKING_USERNAME"] != admin["MLFLOW_AUTH_ADMIN_USERNAME"]
+    for key in ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"):
+        assert admin[key].startswith(PLACEHOLDER), key
+    for value in (client["MLFLOW_TRACKING_PASSWORD"], admin["MLFLOW_AUTH_ADMIN_PASSWORD"]):
+        assert len(value) >= 12  # MLflow refuses shorter passwords, placeholders included
+    # The Job that makes the client's user signs in as the admin, with both from the secrets.
+    job = one(objects, "Job", "imtext-mlflow-setup")
+    pod = job["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    env = env_sources(c)
+    assert env["MLFLOW_TRACKING_USERNAME"] == (PIPELINE_SECRET, "MLFLOW_TRACKING_USERNAME")
+    assert env["MLFLOW_TRACKING_PASSWORD"] == (PIPELINE_SECRET, "MLFLOW_TRACKING_PASSWORD")
+    assert env["MLFLOW_AUTH_ADMIN_PASSWORD"] == (MLFLOW_AUTH_SECRET, "MLFLOW_AUTH_ADMIN_PASSWORD")
+    script = c["command"][-1]
+    assert (
+        mounted_file(objects, pod, c, script)
+        == (K8S / "base" / "mlflow-auth" / "create_user.py").read_text()
+    )
+    # The training pods get the same client identity (envFrom the pipeline secret).
+    for _, _, c in containers([one(objects, "PyTorchJob", "imtext-finetune")]):
+        assert {"secretRef": {"name": PIPELINE_SECRET}} in c["envFrom"]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="pipelines/cluster.py (outside k8s/) does not yet pass MLFLOW_TRACKING_USERNAME/"
+    "PASSWORD from the secret to register and promote; remove this mark with that change",
+)
+def test_pipeline_steps_get_the_mlflow_login():
+    from pipelines.cluster import MLFLOW_ENV, SECRET_ENV
+
+    for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        assert MLFLOW_ENV.get(key) == key
+    assert SECRET_ENV["register"] is MLFLOW_ENV and SECRET_ENV["promote"] is MLFLOW_ENV
+
+
+# --- NetworkPolicies -------------------------------------------------------------------------
+
+KFP_STEP = {"pipelines.kubeflow.org/v2_component": "true"}
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    """Kubernetes label-selector semantics (matchLabels and matchExpressions)."""
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for expr in selector.get("matchExpressions", []):
+        key, op, values = expr["key"], expr["operator"], expr.get("values", [])
+        ok = {
+            "In": key in labels and labels[key] in values,
+            "NotIn": key not in labels or labels[key] not in values,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }[op]
+        if not ok:
+            return False
+    return True
+
+
+def port_matches(rule_port: dict, dst: dict, port: int) -> bool:
+    if rule_port.get("protocol", "TCP") != "TCP":
+        return False
+    if "port" not in rule_port:
+        return True
+    first = container_port(dst["spec"], rule_port["port"])
+    return first is not None and first <= port <= rule_port.get("endPort", first)
+
+
+def ingress_allowed(objects, dst: dict, port: int, src_ns: str, src_labels: dict) -> bool:
+    """Whether the rendered NetworkPolicies let a pod (src_ns, src_labels) open TCP `port` of the
+    pod template `dst` in namespace imtext. A pod no Ingress policy selects accepts everything."""
+    policies = [
+        p
+        for p in objects
+        if p["kind"] == "NetworkPolicy"
+        and "Ingress" in p["spec"].get("policyTypes", ["Ingress"])
+        and selects(p["spec"]["podSelector"], dst["metadata"]["labels"])
+    ]
+    if not policies:
+        return True
+    src_ns_labels = {"kubernetes.io/metadata.name": src_ns}
+    for policy in policies:
+        for rule in policy["spec"].get("ingress") or []:
+            ports = rule.get("ports")
+            if ports and not any(port_matches(p, dst, port) for p in ports):
+                continue
+            peers = rule.get("from")
+            if not peers:
+                return True
+            for peer in peers:
+                if "ipBlock" in peer:
+                    continue
+                if "namespaceSelector" in peer:
+                    ns_ok = selects(peer["namespaceSelector"], src_ns_labels)
+                else:
+                    ns_ok = src_ns == policy["metadata"]["namespace"]
+                if ns_ok and selects(peer.get("podSelector", {}), src_labels):
+                    return True
+    return False
+
+
+def pod_template(objects, kind: str, name: str) -> dict:
+    return one(objects, kind, name)["spec"]["template"]
+
+
+def sources(objects) -> dict[str, tuple[str, dict]]:
+    """Every pod that might connect: (namespace, labels) by a readable name."""
+    found = {}
+    for obj in objects:
+        for where, _ in pod_specs(obj):
+            if obj["kind"] == "PyTorchJob":
+                rtype = where.rsplit("/", 1)[1]
+                labels = obj["spec"]["pytorchReplicaSpecs"][rtype]["template"]["metadata"]
+            else:
+                labels = obj["spec"]["template"]["metadata"]
+            found[where] = (NAMESPACE, labels["labels"])
+    found |= {
+        "KFP step in imtext": (NAMESPACE, KFP_STEP),
+        "KFP step in kubeflow": ("kubeflow", KFP_STEP),
+        "KFP step in another namespace": ("team-a", KFP_STEP),
+        "another pod in imtext": (NAMESPACE, {"app": "notebook"}),
+        "an 'imtext-mlflow' in another namespace": (
+            "team-a",
+            {"app.kubernetes.io/name": "imtext-mlflow"},
+        ),
+    }
+    return found
+
+
+#: (service, port) -> who may connect; everyone else must be refused.
+EXPECTED_CLIENTS = {
+    ("imtext-postgres", 5432): {"Deployment/imtext-mlflow"},
+    ("imtext-mlflow", 5000): {
+        "KFP step in imtext",
+        "KFP step in kubeflow",
+        "Job/imtext-mlflow-setup",
+    },
+    ("imtext-minio", 9000): {
+        "Deployment/imtext-mlflow",
+        "Job/imtext-minio-setup",
+        "PyTorchJob/imtext-finetune/Master",
+        "PyTorchJob/imtext-finetune/Worker",
+        "KFP step in imtext",
+        "KFP step in kubeflow",
+    },
+    ("imtext-minio", 9001): set(),  # the console: port-forward only
+}
+SERVER_KIND = {"imtext-postgres": "StatefulSet", "imtext-mlflow": "Deployment"}
+
+
+def allowed_clients(objects, service: str, port: int) -> set[str]:
+    dst = pod_template(objects, SERVER_KIND.get(service, "Deployment"), service)
+    return {
+        name
+        for name, (ns, labels) in sources(objects).items()
+        if ingress_allowed(objects, dst, port, ns, labels)
+    }
+
+
+def test_services_are_reachable_only_from_the_pods_that_need_them(objects):
+    for (service, port), expected in EXPECTED_CLIENTS.items():
+        allowed = allowed_clients(objects, service, port)
+        assert allowed == expected, (
+            f"{service}:{port}: also from {sorted(allowed - expected)}, "
+            f"not from {sorted(expected - allowed)}"
+        )
+
+
+def test_a_default_deny_covers_every_server(objects):
+    """Even with every allow policy deleted, nobody reaches the three servers."""
+    deny_only = [o for o in objects if o["kind"] != "NetworkPolicy" or not o["spec"].get("ingress")]
+    assert any(o["kind"] == "NetworkPolicy" for o in deny_only)
+    for service, port in EXPECTED_CLIENTS:
+        assert allowed_clients(deny_only, service, port) == set(), service
+
+
+def test_the_network_check_sees_an_open_policy(objects):
+    """Guards the tests above: one policy that admits everyone to PostgreSQL must show up."""
+    open_to_all = {
+        "kind": "NetworkPolicy",
+        "metadata": {"name": "x", "namespace": NAMESPACE},
+        "spec": {"podSelector": {}, "policyTypes": ["Ingress"], "ingress": [{}]},
+    }
+    allowed = allowed_clients(objects + [open_to_all], "imtext-postgres", 5432)
+    assert "another pod in imtext" in allowed and "KFP step in another namespace" in allowed
+    no_policies = [o for o in objects if o["kind"] != "NetworkPolicy"]
+    assert "another pod in imtext" in allowed_clients(no_policies, "imtext-mlflow", 5000)
+
+
+# --- The deploy-time secret check ------------------------------------------------------------
+
+CHECK = K8S / "check_secrets.py"
+#: Values fit to deploy, for every key the base's secrets hold.
+REAL_SECRETS = {
+    "imtext-credentials": {
+        "MLFLOW_TRACKING_URI": "http://imtext-mlflow.imtext.svc.cluster.local:5000",
+        "MLFLOW_TRACKING_USERNAME": "imtext-pipeline",
+        "MLFLOW_TRACKING_PASSWORD": "Vb7-pipeline-mlflow-pw",
+        "MLFLOW_S3_ENDPOINT_URL": "http://imtext-minio.imtext.svc.cluster.local:9000",
+        "AWS_ACCESS_KEY_ID": "imtext-pipeline",
+        "AWS_SECRET_ACCESS_KEY": "q8Rr2-pipeline-s3-secret",
+    },
+    "imtext-mlflow-server": {
+        "AWS_ACCESS_KEY_ID": "imtext-mlflow",
+        "AWS_SECRET_ACCESS_KEY": "w4Tt9-mlflow-s3-secret",
+    },
+    "imtext-mlflow-auth": {
+        "MLFLOW_AUTH_ADMIN_USERNAME": "admin",
+        "MLFLOW_AUTH_ADMIN_PASSWORD": "Zx3-admin-mlflow-pw",
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": "k2Jq8-flask-csrf-key",
+    },
+    "imtext-postgres": {
+        "POSTGRES_USER": "mlflow",
+        "POSTGRES_PASSWORD": "Pg5-real_password.x",
+        "POSTGRES_DB": "mlflow",
+    },
+    "imtext-minio": {"MINIO_ROOT_USER": "imtext-admin", "MINIO_ROOT_PASSWORD": "m1N-root-pw-x"},
+}
+
+
+def check_secrets(overlay: Path, *flags: str) -> subprocess.CompletedProcess:
+    kubectl()  # skips (or fails in CI) without it, like the other tests
+    return subprocess.run(
+        [sys.executable, str(CHECK), *flags, str(overlay)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def my_overlay(tmp_path: Path, secrets: dict[str, dict[str, str]]) -> Path:
+    """An overlay of k8s/overlays/gpu that replaces the base's secrets, as k8s/README.md says."""
+    (tmp_path / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": [os.path.relpath(K8S / "overlays" / "gpu", tmp_path)],
+                "secretGenerator": [
+                    {
+                        "name": name,
+                        "namespace": NAMESPACE,
+                        "behavior": "replace",
+                        "options": {"disableNameSuffixHash": True},
+                        "literals": [f"{k}={v}" for k, v in data.items()],
+                    }
+                    for name, data in secrets.items()
+                ],
+            }
+        )
+    )
+    return tmp_path
+
+
+def test_secret_check_refuses_every_placeholder_naming_secret_and_key():
+    base = {o["metadata"]["name"]: secret_data(o) for o in render("gpu") if o["kind"] == "Secret"}
+    placeholders = {
+        (name, key) for name, data in base.items() for key, v in data.items() if PLACEHOLDER in v
+    }
+    assert len(placeholders) >= 7
+    result = check_secrets(K8S / "overlays" / "gpu")
+    assert result.returncode == 1, result.stdout + result.stderr
+    for name, key in placeholders:
+        assert f"Secret {name}, key {key}: still a placeholder" in result.stderr, (name, key)
+    assert result.stderr.count("still a placeholder") == len(placeholders)
+
+
+def test_secret_check_accepts_real_values(tmp_path):
+    result = check_secrets(my_overlay(tmp_path, REAL_SECRETS))
+    assert result.returncode == 0, result.stderr
+    assert "no placeholders" in result.stdout
+    assert "Pg5-real_password" not in result.stdout + result.stderr  # never echoes a value
+
+
+def test_secret_check_refuses_one_placeholder_left(tmp_path):
+    secrets = copy.deepcopy(REAL_SECRETS)
+    secrets["imtext-postgres"]["POSTGRES_PASSWORD"] = "change-me-postgres-password"
+    result = check_secrets(my_overlay(tmp_path, secrets))
+    assert result.returncode == 1
+    (line,) = [ln for ln in result.stderr.splitlines() if "key " in ln]
+    assert "Secret imtext-postgres, key POSTGRES_PASSWORD" in line
+
+
+@pytest.mark.parametrize(
+    ("secret", "key", "value", "why"),
+    [
+        ("imtext-mlflow-auth", "MLFLOW_AUTH_ADMIN_PASSWORD", "short-pw", "at least 12"),
+        ("imtext-credentials", "MLFLOW_TRACKING_PASSWORD", "", "empty"),
+        ("imtext-postgres", "POSTGRES_PASSWORD", "p@ss/word:1234", "not URL-safe"),
+    ],
+)
+def test_secret_check_refuses_values_the_services_reject(tmp_path, secret, key, value, why):
+    secrets = copy.deepcopy(REAL_SECRETS)
+    secrets[secret][key] = value
+    result = check_secrets(my_overlay(tmp_path, secrets))
+    assert result.returncode == 1, result.stdout
+    assert f"Secret {secret}, key {key}" in result.stderr and why in result.stderr
+    if value:
+        assert value not in result.stderr
+
+
+def test_secret_check_flags_and_failures(tmp_path):
+    result = check_secrets(K8S / "overlays" / "local", "--allow-placeholders")
+    assert result.returncode == 0 and "warning" in result.stderr
+    (tmp_path / "kustomization.yaml").write_text("resources: [missing.yaml]\n")
+    result = check_secrets(tmp_path)
+    assert result.returncode == 2 and "kustomize" in result.stderr
+
+
+def make_deploy_lines(*settings: str) -> list[str]:
+    result = subprocess.run(
+        ["make", "-n", "deploy", "OVERLAY=my-cluster", *settings],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return result.stdout.splitlines()
+
+
+def test_make_deploy_checks_the_secrets_before_applying():
+    lines = make_deploy_lines()
+    check = next(i for i, ln in enumerate(lines) if "k8s/check_secrets.py" in ln)
+    apply = next(i for i, ln in enumerate(lines) if "kubectl apply -k my-cluster" in ln)
+    assert check < apply and lines[check].endswith(" my-cluster")
+    assert "--allow-placeholders" not in lines[check]
+    (check,) = [ln for ln in make_deploy_lines("ALLOW_PLACEHOLDERS=1") if "check_secrets" in ln]
+    assert "--allow-placeholders" in check
+
+
+class FakeMlflowUsers(http.server.BaseHTTPRequestHandler):
+    """MLflow's user API as far as create_user.py uses it, behind basic auth for one admin."""
+
+    admin = "Basic " + base64.b64encode(b"admin:admin-password-1").decode()
+    users: dict[str, str] = {}
+
+    def log_message(self, *args):  # keep pytest's output clean
+        pass
+
+    def reply(self, status: int, body: dict | None = None):
+        self.send_response(status)
+        self.end_headers()
+        self.wfile.write(json.dumps(body or {}).encode())
+
+    def handle_request(self):
+        url = urllib.parse.urlsplit(self.path)
+        if url.path == "/health":
+            return self.reply(200)
+        if self.headers.get("Authorization") != self.admin:
+            return self.reply(401)
+        length = int(self.headers.get("Content-Length") or 0)
+        body = json.loads(self.rfile.read(length) or b"{}")
+        if self.command == "GET" and url.path.endswith("/users/get"):
+            (name,) = urllib.parse.parse_qs(url.query)["username"]
+            return self.reply(200 if name in self.users else 404)
+        if self.command == "POST" and url.path.endswith("/users/create"):
+            self.users[body["username"]] = body["password"]
+            return self.reply(200)
+        if self.command == "PATCH" and url.path.endswith("/users/update-password"):
+            self.users[body["username"]] = body["password"]
+            return self.reply(200)
+        return self.reply(400)
+
+    do_GET = do_POST = do_PATCH = handle_request
+
+
+def test_mlflow_user_job_creates_then_updates_the_pipeline_user():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeMlflowUsers)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    FakeMlflowUsers.users = {}
+
+    def run(**env: str) -> subprocess.CompletedProcess:
+        base = {
+            "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{server.server_address[1]}",
+            "MLFLOW_AUTH_ADMIN_USERNAME": "admin",
+            "MLFLOW_AUTH_ADMIN_PASSWORD": "admin-password-1",
+            "MLFLOW_TRACKING_USERNAME": "imtext-pipeline",
+            "MLFLOW_TRACKING_PASSWORD": "pipeline-password-1",
+        }
+        return subprocess.run(
+            [sys.executable, str(K8S / "base" / "mlflow-auth" / "create_user.py")],
+            env={"PATH": os.environ["PATH"]} | base | env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    try:
+        result = run()
+        assert result.returncode == 0 and "created" in result.stdout, result.stderr
+        result = run(MLFLOW_TRACKING_PASSWORD="pipeline-password-2")
+        assert result.returncode == 0 and "password set" in result.stdout, result.stderr
+        assert FakeMlflowUsers.users == {"imtext-pipeline": "pipeline-password-2"}
+        result = run(MLFLOW_AUTH_ADMIN_PASSWORD="wrong-password")
+        assert result.returncode == 1 and "HTTP 401" in result.stderr
+        result = run(MLFLOW_TRACKING_USERNAME="admin")  # the pipeline must not be the admin
+        assert result.returncode == 2 and "admin" in result.stderr
+        result = run(MLFLOW_TRACKING_PASSWORD="")
+        assert result.returncode == 2 and "MLFLOW_TRACKING_PASSWORD" in result.stderr
+        assert FakeMlflowUsers.users == {"imtext-pipeline": "pipeline-password-2"}
+    finally:
+        server.shutdown()
