@@ -15,6 +15,9 @@ SECRET_NAME = "imtext-credentials"
 #: object store holding its artifacts).
 MLFLOW_ENV = {
     "MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI",
+    # The tracking server runs MLflow's basic-auth app (k8s/base/mlflow.yaml).
+    "MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD",
     "MLFLOW_S3_ENDPOINT_URL": "MLFLOW_S3_ENDPOINT_URL",
     "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
     "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",

@@ -660,11 +660,6 @@ def test_clients_log_in_as_their_own_mlflow_user(objects):
         assert {"secretRef": {"name": PIPELINE_SECRET}} in c["envFrom"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pipelines/cluster.py (outside k8s/) does not yet pass MLFLOW_TRACKING_USERNAME/"
-    "PASSWORD from the secret to register and promote; remove this mark with that change",
-)
 def test_pipeline_steps_get_the_mlflow_login():
     from pipelines.cluster import MLFLOW_ENV, SECRET_ENV
 
