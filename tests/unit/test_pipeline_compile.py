@@ -136,6 +136,8 @@ def test_credentials_come_from_the_secret_only(package):
         "prepare": {"AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"},
         "register": {
             "MLFLOW_TRACKING_URI",
+            "MLFLOW_TRACKING_USERNAME",
+            "MLFLOW_TRACKING_PASSWORD",
             "MLFLOW_S3_ENDPOINT_URL",
             "AWS_ACCESS_KEY_ID",
             "AWS_SECRET_ACCESS_KEY",
@@ -152,6 +154,8 @@ def test_credentials_come_from_the_secret_only(package):
         assert {m["envVar"] for m in secret["keyToEnv"]} == expected[name]
         keys = {m["secretKey"] for m in secret["keyToEnv"]}
         assert keys <= {"MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL"} | {
+            "MLFLOW_TRACKING_USERNAME",
+            "MLFLOW_TRACKING_PASSWORD",
             "AWS_ACCESS_KEY_ID",
             "AWS_SECRET_ACCESS_KEY",
         }
