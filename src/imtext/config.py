@@ -53,6 +53,16 @@ Backbone = Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
 
 Method = Literal["dual_path", "two_branch", "similarity"]
 
+Stem = Literal["standard", "no_maxpool", "cifar"]
+
+Embedding = Literal["pre_relu", "post_relu"]
+
+TextEncoder = Literal["cnn", "gru"]
+
+Schedule = Literal["step", "cosine"]
+
+Augment = Literal["resized_crop", "shift"]
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -104,6 +114,17 @@ class ModelConfig:
     #: BatchNorm momentum of the two-branch branches (PyTorch's convention; 0.9 reproduces the
     #: official TF code, METHODS.md section 3.1).
     bn_momentum: float = 0.1
+    # The fields below came with the recipe that learns (issue 13, docs/training.md); their
+    # defaults rebuild the models written before them.
+    #: The image ResNet's stem: torchvision's (``standard``), without its max-pool
+    #: (``no_maxpool``), or a 3x3 stride-1 first conv without max-pool (``cifar``).
+    image_stem: Stem = "standard"
+    #: The embedding is each head's last BatchNorm output before its ReLU (``pre_relu``, the
+    #: paper's test feature) or after it (``post_relu``).
+    embedding: Embedding = "post_relu"
+    #: The text branch: the paper's deep text CNN (``cnn``) or VSE++'s GRU (``gru``; one
+    #: bidirectional layer of ``4 * text_width`` units each way, ``text_blocks`` unused).
+    text_encoder: TextEncoder = "cnn"
 
     def __post_init__(self) -> None:
         for name in ("image_size", "embed_dim", "word_dim", "text_width", "branch_hidden"):
@@ -189,7 +210,8 @@ class TrainConfig:
     #: DataLoader worker processes.
     workers: int
     seed: int
-    #: Mixed precision on CUDA (``bf16``/``fp16``); the CPU always runs fp32.
+    #: Mixed precision of the forward pass: ``bf16``/``fp16`` on CUDA, ``bf16`` also on a CPU
+    #: with native bf16 (AVX512-BF16 or AMX; others run fp32), ``fp32`` everywhere.
     precision: Precision
     # The fields below serve the other methods (issue 6); their defaults leave the dual-path
     # training exactly as it was, and files written before they existed read as those defaults.
@@ -215,6 +237,16 @@ class TrainConfig:
     adversarial_warmup_epochs: int = 0
     #: ``infonce``: the learned temperature's starting value (CLIP: 0.07).
     init_temperature: float = 0.07
+    # The fields below came with the recipe that learns (issue 13); their defaults are the
+    # schedule every earlier run used.
+    #: ``step``: ``lr`` times ``lr_gamma`` at each of ``lr_milestones``, set per epoch; ``cosine``:
+    #: per step, a linear warm-up to ``lr`` over ``warmup_epochs``, then a cosine to 0 at the end.
+    lr_schedule: Schedule = "step"
+    #: Epochs (may be fractional) of linear warm-up from 0 at the start of the stage.
+    warmup_epochs: float = 0.0
+    #: Image augmentation: ``resized_crop`` (the paper's random resized crop, ``crop_scale``) or
+    #: ``shift`` (the whole image moved by up to 1/16 of its side; sizes and positions kept).
+    image_augment: Augment = "resized_crop"
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "candidate_pool", "eval_every"):
@@ -247,6 +279,16 @@ class TrainConfig:
             raise ConfigError(f"lr_milestones: epochs count from 1, got {self.lr_milestones}")
         if self.patience is not None and self.patience < 1:
             raise ConfigError(f"patience: must be at least 1 or null, got {self.patience}")
+        if not 0 <= self.warmup_epochs <= self.epochs:
+            raise ConfigError(
+                f"warmup_epochs: must be in [0, epochs] = [0, {self.epochs}], got "
+                f"{self.warmup_epochs}"
+            )
+        if self.lr_schedule == "cosine" and self.lr_milestones:
+            raise ConfigError(
+                f"lr_milestones: the cosine schedule has no milestones, got {self.lr_milestones}; "
+                "set lr_milestones: [] or lr_schedule: step"
+            )
 
     def _check_method_fields(self) -> None:
         for name in ("top_k", "sentences_per_image", "negatives_per_positive"):

@@ -253,3 +253,45 @@ def test_an_embedding_export_scores_pairs_by_dot_product(exported, test_split):
     assert metrics["parity_max_abs_diff_scorer"] <= CFG.parity_tolerance
     with pytest.raises(InputError, match="same shape"):
         encoders.score_code_pairs(a, b[:3])
+
+
+@pytest.fixture(scope="module")
+def gru_model_file(tiny_prepared: Path, tmp_path_factory) -> Path:
+    """An untrained model with VSE++'s GRU text encoder and pre-ReLU embeddings (a fixed seed)."""
+    from imtext.config import ModelConfig
+    from imtext.models.dual_path import build_model
+    from imtext.train.checkpoint import model_record, save_atomic
+    from tests.conftest import TINY_MODEL
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(**{**TINY_MODEL, "text_encoder": "gru", "embedding": "pre_relu"})
+    vocab_size = len(read_vocabulary(tiny_prepared))
+    path = tmp_path_factory.mktemp("gru") / "model.pt"
+    save_atomic(model_record(build_model(cfg, vocab_size, 48), cfg, vocab_size, 48), path)
+    return path
+
+
+@pytest.mark.slow  # torch.export unrolls the GRU over the 32 positions: a minute or two
+def test_the_gru_text_encoder_exports_with_the_same_contract_and_checks(
+    gru_model_file, tiny_prepared, test_split, tmp_path
+):
+    cfg = ExportConfig(**{**CFG.__dict__, "quantize": False})
+    out = tmp_path / "export"
+    messages: list[str] = []
+    metrics = export(cfg, gru_model_file, tiny_prepared, out, log=messages.append)
+    assert messages[-1] == "export: passed"
+    assert metrics["parity_max_abs_diff_text"] <= cfg.parity_tolerance
+    assert metrics["onnx_rsum"] == pytest.approx(metrics["torch_rsum"], abs=cfg.recall_tolerance)
+    # The ONNX text encoder takes the same (batch, max_len) int64 tokens as the CNN's, and
+    # padding anywhere in the window is ignored by the pooling as in PyTorch.
+    session = ort.InferenceSession(str(out / "text_encoder.onnx"))
+    (tokens,) = session.get_inputs()
+    assert tokens.name == "tokens" and tokens.type == "tensor(int64)"
+    model, _ = load_model(gru_model_file)
+    rows = torch.from_numpy(test_split.tokens[:5].astype(np.int64))
+    shifted = torch.roll(rows, shifts=3, dims=1)  # the words moved right, padding first
+    with torch.no_grad():
+        expected = model.encode_text(shifted).numpy()
+    (got,) = session.run(None, {"tokens": shifted.numpy()})
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    assert (got < 0).any(), "pre-ReLU embeddings have negative coordinates"

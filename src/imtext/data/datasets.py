@@ -30,25 +30,36 @@ def train_transform(
     image_size: int,
     hflip: bool,
     crop_scale: float = CROP_SCALE,
+    augment: str = "resized_crop",
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
 ) -> v2.Compose:
     """PIL image -> float tensor (3, image_size, image_size), augmented and normalised.
 
-    The random crop keeps ``crop_scale``-100% of the image side (area ``crop_scale**2``-100%).
+    ``resized_crop`` (the paper's): a random crop keeping ``crop_scale``-100% of the image side
+    (area ``crop_scale**2``-100%, aspect 3/4-4/3), resized. ``shift``: the whole image resized,
+    then moved by up to 1/16 of its side each way (4 px at 64), the border repeated; sizes and
+    positions stay as the captions say them, and no object is cut off.
     Set ``hflip=False`` when captions talk about left and right (the ``shapes`` dataset does):
     a flipped image would contradict its caption.
     """
-    steps: list = [
-        v2.ToImage(),
-        v2.RandomResizedCrop(
-            image_size,
-            scale=(crop_scale**2, 1.0),
-            ratio=CROP_RATIO,
-            interpolation=v2.InterpolationMode.BICUBIC,
-            antialias=True,
-        ),
-    ]
+    steps: list = [v2.ToImage()]
+    if augment == "shift":
+        steps += [
+            v2.Resize(image_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+            v2.CenterCrop(image_size),
+            v2.RandomCrop(image_size, padding=max(1, image_size // 16), padding_mode="edge"),
+        ]
+    else:
+        steps.append(
+            v2.RandomResizedCrop(
+                image_size,
+                scale=(crop_scale**2, 1.0),
+                ratio=CROP_RATIO,
+                interpolation=v2.InterpolationMode.BICUBIC,
+                antialias=True,
+            )
+        )
     if hflip:
         steps.append(v2.RandomHorizontalFlip())
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]

@@ -1,7 +1,7 @@
 """The dual-path model: both branches, L2-normalised embeddings and one shared instance classifier.
 
-The embedding of either modality is its head's post-ReLU output, L2-normalised: what the paper's
-ranking loss compares. The shared classifier sees the same features after dropout, so its weights
+The embedding of either modality is its head's output (the last BatchNorm's, before or after its
+ReLU: ``model.embedding``), L2-normalised: what the paper's ranking loss compares. The shared classifier sees the same features after dropout, so its weights
 pull an image and its captions towards one class vector.
 
 Two optional parts serve the other methods and are absent (no parameters, no random draws, the
@@ -23,7 +23,7 @@ from torch import nn
 from imtext.config import ModelConfig
 from imtext.models.discriminator import ModalityDiscriminator
 from imtext.models.image import ImageBranch
-from imtext.models.text import TextCNN
+from imtext.models.text import TextCNN, TextGRU
 
 #: What sits between an embedding and the discriminator: the training loop passes a gradient
 #: reversal (``imtext.losses.grad_reverse``, which this layer may not import).
@@ -63,10 +63,11 @@ def _detach(x: torch.Tensor) -> torch.Tensor:
 class DualPathModel(nn.Module):
     def __init__(self, cfg: ModelConfig, vocab_size: int, n_classes: int) -> None:
         super().__init__()
-        self.image = ImageBranch(cfg.image_backbone, cfg.embed_dim, cfg.image_weights)
-        self.text = TextCNN(
-            vocab_size, cfg.word_dim, cfg.text_width, cfg.text_blocks, cfg.embed_dim
+        final_relu = cfg.embedding == "post_relu"
+        self.image = ImageBranch(
+            cfg.image_backbone, cfg.embed_dim, cfg.image_weights, cfg.image_stem, final_relu
         )
+        self.text = build_text_encoder(cfg, vocab_size)
         self.dropout = nn.Dropout(cfg.dropout)
         self.classifier = nn.Linear(cfg.embed_dim, n_classes, bias=cfg.classifier_bias)
         # Built after everything else, so that the parts above draw the same initial weights
@@ -140,6 +141,16 @@ class DualPathModel(nn.Module):
             image_emb, text_emb, image_logits, text_logits,
             image_modality, text_modality, log_scale, pair_scores,
         )  # fmt: skip
+
+
+def build_text_encoder(cfg: ModelConfig, vocab_size: int) -> nn.Module:
+    """The text branch of ``cfg.text_encoder``: the paper's deep text CNN or VSE++'s GRU."""
+    final_relu = cfg.embedding == "post_relu"
+    if cfg.text_encoder == "gru":
+        return TextGRU(vocab_size, cfg.word_dim, cfg.text_width, cfg.embed_dim, final_relu)
+    return TextCNN(
+        vocab_size, cfg.word_dim, cfg.text_width, cfg.text_blocks, cfg.embed_dim, final_relu
+    )
 
 
 def build_model(cfg: ModelConfig, vocab_size: int, n_classes: int) -> DualPathModel:

@@ -1,4 +1,4 @@
-"""The text branch: the Dual-Path paper's deep text CNN over word ids.
+"""The text branch: the Dual-Path paper's deep text CNN over word ids, or VSE++'s GRU.
 
 The paper feeds one-hot words to a 1x1 convolution with bias; that is an embedding lookup plus a
 bias added at every position, padding included (an all-zero one-hot still yields the bias). Then
@@ -8,6 +8,12 @@ padded on the left only so a stride of 1 keeps the length; max pooling over the 
 Widths follow the paper with ``width`` = 256: stages output w, 2w, 4w, 8w channels; only the first
 block of the first stage narrows (to w/2); the projection blocks of the later stages keep their
 full width; identity blocks narrow to a quarter. Stages 2 and 3 halve the length.
+
+:class:`TextGRU` (``model.text_encoder: gru``) is the text encoder of VSE++: word embeddings and a
+recurrent network, here one bidirectional GRU layer whose outputs are max-pooled over the caption's
+words, with the same head and output width as the CNN, so everything after it is the same.
+
+Both heads end in BatchNorm, with or without its ReLU (``final_relu``; ``model.embedding``).
 """
 
 from __future__ import annotations
@@ -75,19 +81,49 @@ def text_stages(in_ch: int, width: int, blocks: list[int]) -> nn.Sequential:
 
 
 class TextCNN(nn.Module):
-    """Word ids (N, L) int64, 0 = padding -> features (N, embed_dim), post-ReLU, not normalised."""
+    """Word ids (N, L) int64, 0 = padding -> features (N, embed_dim), not normalised."""
 
     def __init__(
-        self, vocab_size: int, word_dim: int, width: int, blocks: list[int], embed_dim: int
+        self,
+        vocab_size: int,
+        word_dim: int,
+        width: int,
+        blocks: list[int],
+        embed_dim: int,
+        final_relu: bool = True,
     ) -> None:
         super().__init__()
         self.words = nn.Embedding(vocab_size, word_dim, padding_idx=0)
         self.word_bias = nn.Parameter(torch.zeros(word_dim))
         self.word_bn = nn.BatchNorm1d(word_dim)
         self.stages = text_stages(word_dim, width, blocks)
-        self.head = projection_head(8 * width, embed_dim, layers=1)
+        self.head = projection_head(8 * width, embed_dim, layers=1, final_relu=final_relu)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         x = (self.words(tokens) + self.word_bias).transpose(1, 2)  # (N, word_dim, L)
         x = self.stages(self.word_bn(x))
         return self.head(x.amax(dim=2))
+
+
+class TextGRU(nn.Module):
+    """Word ids (N, L) int64, 0 = padding -> features (N, embed_dim), not normalised.
+
+    One bidirectional GRU layer of ``4 * width`` units each way (``8 * width`` outputs, the width of
+    the CNN's last stage) over the word vectors; each output channel's maximum over the positions
+    that hold a word (padding is left out, wherever the position shift put it); then the head.
+    """
+
+    def __init__(
+        self, vocab_size: int, word_dim: int, width: int, embed_dim: int, final_relu: bool = True
+    ) -> None:
+        super().__init__()
+        self.words = nn.Embedding(vocab_size, word_dim, padding_idx=0)
+        self.gru = nn.GRU(word_dim, 4 * width, batch_first=True, bidirectional=True)
+        self.head = projection_head(8 * width, embed_dim, layers=1, final_relu=final_relu)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        states, _ = self.gru(self.words(tokens))  # (N, L, 8 * width)
+        # A large finite floor rather than -inf: a caption of padding only stays finite.
+        words = (tokens > 0).unsqueeze(2)
+        pooled = states.masked_fill(~words, -1e4).amax(dim=1)
+        return self.head(pooled)

@@ -72,7 +72,13 @@ from imtext.train.methods import (
     with_negative_pairs,
 )
 from imtext.train.sampling import sample_candidates
-from imtext.train.schedule import build_optimizer, parameter_groups, set_epoch_lr
+from imtext.train.schedule import (
+    build_optimizer,
+    lr_at_time,
+    parameter_groups,
+    set_epoch_lr,
+    set_lr,
+)
 from imtext.train.scoring import retrieval_inputs
 
 Log = Callable[[dict[str, float], int], None]
@@ -192,10 +198,23 @@ def step_losses(out: Any, batch: Batch, cfg: TrainConfig, device: torch.device) 
 
 
 def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    if device.type != "cuda" or precision == "fp32":
+    """Mixed precision for the forward pass: bf16/fp16 on CUDA; bf16 on a CPU with native bf16
+    instructions (AVX512-BF16 or AMX: 1.7x faster steps, bench/README.md); otherwise fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if device.type == "cpu":
+        if precision == "bf16" and cpu_has_bf16():
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+    if device.type != "cuda":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast("cuda", dtype=dtype)
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (emulated bf16 is slower than fp32)."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 # ------------------------------------------------------------------------------- the epoch
@@ -260,7 +279,10 @@ def train_one_epoch(
     stats = EpochStats()
     start = time.perf_counter()
     has_discriminator = core.discriminator is not None
-    for items in _timed(loader, stats):
+    steps, epoch = len(loader), state.epoch
+    for i, items in enumerate(_timed(loader, stats)):
+        if cfg.lr_schedule != "step" or cfg.warmup_epochs > 0:
+            set_lr(optimizer, lr_at_time(epoch + i / steps, cfg))
         # The labels let a profiler split a step into data, mining, model and the rest.
         with record_function("imtext.mining"):
             if cfg.loss_weights[0] > 0 and cfg.ranking.startswith("paired"):
@@ -273,7 +295,9 @@ def train_one_epoch(
         kwargs = forward_kwargs(batch, cfg, has_discriminator, lam)
         with autocast_for(device, cfg.precision):
             with record_function("imtext.forward"):
-                images = batch.images.to(device, non_blocking=True)
+                images = batch.images.to(
+                    device, non_blocking=True, memory_format=torch.channels_last
+                )
                 out = model(images, batch.tokens.to(device), **_to(kwargs, device))
             with record_function("imtext.loss"):
                 losses = step_losses(out, batch, cfg, device)
@@ -507,6 +531,8 @@ def _train_stage(stage, model_cfg, cfg, prepared, out_dir, init, resume, info, l
     check_method(model_cfg, cfg, f"{stage} (model of {init})")
     _attach_logit_scale(model, cfg)
     model.to(info.device)
+    # NHWC convolutions are ~10% faster on the CPU (oneDNN) and use tensor cores on CUDA.
+    model.image.to(memory_format=torch.channels_last)
     groups = parameter_groups(model, cfg)
     model.image.freeze_backbone(cfg.backbone_lr_mult == 0)
     optimizer = build_optimizer(groups, cfg)
@@ -541,7 +567,9 @@ def _train_stage(stage, model_cfg, cfg, prepared, out_dir, init, resume, info, l
             model, device_ids=[info.device.index] if info.device.type == "cuda" else None
         )
     dataset = InstanceTrainDataset(
-        train, train_transform(model_cfg.image_size, cfg.hflip, cfg.crop_scale), cfg.text_shift
+        train,
+        train_transform(model_cfg.image_size, cfg.hflip, cfg.crop_scale, cfg.image_augment),
+        cfg.text_shift,
     )
     steps_per_epoch = len(_loader(dataset, cfg, info, state.epoch))
     if info.is_main:
