@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from imtext._fs import MARKER
 from imtext.data.prepare import encode_image, prepare
 from imtext.data.store import PreparedSplit, read_meta, read_vocabulary
 from imtext.data.text import UNK_ID
@@ -44,7 +45,7 @@ def test_karpathy_end_to_end(karpathy_dir, tmp_path):
     out = tmp_path / "prepared"
     metrics, _ = run(karpathy_dir, out)
     assert sorted(p.name for p in out.iterdir()) == [
-        "meta.json", "test-images.bin", "test.npz", "train-images.bin", "train.npz",
+        MARKER, "meta.json", "test-images.bin", "test.npz", "train-images.bin", "train.npz",
         "val-images.bin", "val.npz", "vocab.json",
     ]  # fmt: skip
     assert metrics["train_images"] == 3 and metrics["train_captions"] == 6

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from imtext._fs import atomic_directory
+from imtext._fs import atomic_directory, check_output_dir
 from imtext.config import PrepareConfig, config_to_dict
 from imtext.data.readers import SKIP_HINT, SPLITS, Format, ImageRecord, read_annotations
 from imtext.data.store import META_FILE, VOCAB_FILE, ImageBlobWriter, write_split_arrays
@@ -141,14 +141,18 @@ def prepare(
     skip_bad: bool = False,
     log: Log = print,
     progress: Progress = _no_progress,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Run the prepare stage; write ``out_dir`` and return its metrics.
 
     ``out_dir`` receives ``vocab.json``, ``meta.json`` and per split ``{split}.npz`` and
     ``{split}-images.bin``. With ``skip_bad``, unusable captions and images are dropped and listed
-    in ``meta.json``; otherwise the first one raises :class:`DataError`.
+    in ``meta.json``; otherwise the first one raises :class:`DataError`. ``out_dir`` must be new,
+    empty or an earlier output unless ``force`` (see :func:`imtext._fs.output_problem`).
     """
     annotations, images_dir = Path(annotations), Path(images_dir)
+    inputs = (annotations, images_dir)
+    check_output_dir(out_dir, inputs, force)
     if not images_dir.is_dir():
         raise DataError(f"{images_dir}: image directory not found; check --images")
     skipped: list[str] = []
@@ -178,7 +182,7 @@ def prepare(
     unreadable = set(missing)
     records = [r for r in records if r not in unreadable]
 
-    with atomic_directory(out_dir) as tmp:
+    with atomic_directory(out_dir, inputs=inputs, force=force) as tmp:
         with ImageBlobWriter(tmp) as writer:
             records = _write_images(records, images_dir, cfg, writer, skip_bad, report, progress)
         by_split = {s: [r for r in records if r.split == s] for s in SPLITS}
