@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from imtext import __version__
-from imtext.errors import ImtextError
+from imtext.errors import ImtextError, printable
 from imtext.orchestrate import add_pipeline_parser
 
 log = logging.getLogger("imtext")
@@ -593,7 +593,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImtextError as exc:
         if args.debug:
             raise
-        print(f"imtext: error: {exc}", file=sys.stderr)
+        # One line, whatever file names or keys the message quotes.
+        print(f"imtext: error: {printable(str(exc))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("imtext: interrupted; outputs were left as they were", file=sys.stderr)

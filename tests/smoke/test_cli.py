@@ -173,3 +173,16 @@ def test_out_dot_is_refused_at_once_and_leaves_no_copy(karpathy_dir, tmp_path):
     _assert_one_line_error(result, "current directory")
     assert not list(work.iterdir())
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_file_name_with_control_characters_stays_one_escaped_line(karpathy_dir, tmp_path):
+    data = json.loads((karpathy_dir / "dataset.json").read_text())
+    data["images"][0]["filename"] = "evil\n\x1b[2J\x1b[31mfake.png"
+    (karpathy_dir / "dataset.json").write_text(json.dumps(data))
+    result = imtext(
+        "prepare", "--annotations", karpathy_dir / "dataset.json", "--images",
+        karpathy_dir / "images", "--out", tmp_path / "out", "--params", REPO / "params.yaml",
+    )  # fmt: skip
+    _assert_one_line_error(result, "evil\\n\\x1b[2J\\x1b[31mfake.png", "image file not found")
+    assert "\x1b" not in result.stderr
+
