@@ -213,10 +213,12 @@ def _run_train(args: argparse.Namespace) -> None:
 
     model_cfg = load_stage_config("model", args.params)
     cfg = load_stage_config(args.stage, args.params)
-    args.out.mkdir(parents=True, exist_ok=True)
     log_path = args.out / "log.jsonl"
 
     def log_metrics(metrics: dict[str, float], step: int) -> None:
+        # Created with the first line, not before: a run refused at the start (no such device,
+        # settings that do not fit together) leaves no empty directory behind.
+        log_path.parent.mkdir(parents=True, exist_ok=True)
         with log_path.open("a", encoding="utf-8") as file:
             file.write(json.dumps({"stage": args.stage, "step": step, **metrics}) + "\n")
 

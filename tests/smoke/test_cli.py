@@ -186,3 +186,17 @@ def test_a_file_name_with_control_characters_stays_one_escaped_line(karpathy_dir
     _assert_one_line_error(result, "evil\\n\\x1b[2J\\x1b[31mfake.png", "image file not found")
     assert "\x1b" not in result.stderr
 
+
+def test_an_unavailable_device_leaves_no_output_directory(tmp_path, monkeypatch):
+    import torch
+
+    from imtext.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for stage in ("pretrain", "finetune"):
+        out = tmp_path / stage
+        args = [stage, "--prepared", tmp_path / "prepared", "--out", out, "--device", "cuda"]
+        if stage == "finetune":
+            args += ["--init", tmp_path / "model.pt"]
+        assert main([*map(str, args), "--params", str(REPO / "params.yaml")]) == 1
+        assert not out.exists()
