@@ -107,3 +107,9 @@ def test_a_key_leading_out_of_the_destination_fails_with_nothing_written(
         fetch(f"s3://{bucket}/shapes", tmp_path / "raw" / "data", log=lambda m: None)
     assert key in str(info.value)
     assert tree(tmp_path) == {}
+
+
+def test_a_key_that_is_also_a_folder_is_a_clear_error(bucket, tmp_path):
+    boto3.client("s3").put_object(Bucket=bucket, Key="shapes/images/a.png/x", Body=b"clash")
+    with pytest.raises(DataError, match=r"shapes/images/a\.png.*: cannot be written to"):
+        fetch(f"s3://{bucket}/shapes", tmp_path, log=lambda m: None)

@@ -110,10 +110,16 @@ def _fetch_s3(location: str, dest: Path, *, retries: int, workers: int, log: Log
 
     def download(item: tuple[str, Path]) -> None:
         key, target = item
-        target.parent.mkdir(parents=True, exist_ok=True)
         part = target.with_name(f".{target.name}.part")
-        client.download_file(bucket, key, str(part))
-        os.replace(part, target)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            client.download_file(bucket, key, str(part))
+            os.replace(part, target)
+        except OSError as exc:  # e.g. keys "a" and "a/b": one path cannot be a file and a folder
+            raise DataError(
+                f"{printable(f's3://{bucket}/{key}')}: cannot be written to {target} "
+                f"({exc.strerror or exc}); rename the object or free the path"
+            ) from None
 
     with _s3_errors(location, bucket, endpoint, retries), ThreadPoolExecutor(workers) as pool:
         for done, _ in enumerate(pool.map(download, todo), start=1):
