@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from imtext import __version__
-from imtext.errors import ImtextError
+from imtext.errors import ImtextError, printable
 from imtext.orchestrate import add_pipeline_parser
 
 log = logging.getLogger("imtext")
@@ -40,7 +40,8 @@ def _add_shapes(sub: argparse._SubParsersAction) -> None:
             "Render scenes of coloured shapes with five paraphrased captions each and write them "
             "as OUT/dataset.json (Karpathy format, train/val/test splits) and OUT/images/*.png. "
             "The output is byte-for-byte the same for the same --images, --seed and --size; "
-            "an existing OUT is replaced only once the new dataset is complete."
+            "an existing OUT is replaced only once the new dataset is complete, and only if "
+            "imtext wrote it (or it is empty, or --force is given)."
         ),
     )
     p.add_argument("--out", type=Path, required=True, help="output directory")
@@ -57,6 +58,7 @@ def _add_shapes(sub: argparse._SubParsersAction) -> None:
         default=shapes.DEFAULT_SIZE,
         help="image side in pixels (default: %(default)s)",
     )
+    _force_arg(p)
     p.set_defaults(func=_run_shapes)
 
 
@@ -67,7 +69,7 @@ def _run_shapes(args: argparse.Namespace) -> None:
     def progress(items: Sequence) -> Iterable:
         return _progress(items, len(items), "render")
 
-    with atomic_directory(args.out) as tmp:
+    with atomic_directory(args.out, force=args.force) as tmp:
         sizes = generate_shapes(tmp, args.images, args.seed, args.size, progress)
     log.info(
         "wrote shapes dataset (seed %d): %s -> %s",
@@ -106,7 +108,8 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
             "check and re-encode every image, build the vocabulary from the training split only, "
             "encode captions to fixed length and write OUT/{train,val,test}.npz, "
             "OUT/{split}-images.bin, OUT/vocab.json and OUT/meta.json. Settings come from the "
-            "'prepare' section of --params. OUT is replaced only when everything succeeded."
+            "'prepare' section of --params. OUT is replaced only when everything succeeded, and "
+            "only if imtext wrote it (or it is empty, or --force is given)."
         ),
     )
     p.add_argument("--annotations", type=Path, required=True, help="annotation JSON file")
@@ -129,6 +132,7 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
         help="skip missing or unreadable images, empty captions and images without captions, "
         "listing each in the log and in OUT/meta.json, instead of stopping at the first",
     )
+    _force_arg(p)
     p.set_defaults(func=_run_prepare)
 
 
@@ -146,6 +150,7 @@ def _run_prepare(args: argparse.Namespace) -> None:
         skip_bad=args.skip_bad,
         log=log.info,
         progress=_progress,
+        force=args.force,
     )
 
 
@@ -208,10 +213,12 @@ def _run_train(args: argparse.Namespace) -> None:
 
     model_cfg = load_stage_config("model", args.params)
     cfg = load_stage_config(args.stage, args.params)
-    args.out.mkdir(parents=True, exist_ok=True)
     log_path = args.out / "log.jsonl"
 
     def log_metrics(metrics: dict[str, float], step: int) -> None:
+        # Created with the first line, not before: a run refused at the start (no such device,
+        # settings that do not fit together) leaves no empty directory behind.
+        log_path.parent.mkdir(parents=True, exist_ok=True)
         with log_path.open("a", encoding="utf-8") as file:
             file.write(json.dumps({"stage": args.stage, "step": step, **metrics}) + "\n")
 
@@ -236,6 +243,15 @@ def _run_train(args: argparse.Namespace) -> None:
             metrics["val_t2i_r1"],
             args.out,
         )
+
+
+def _force_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace --out even if it is a non-empty directory imtext did not write "
+        "(everything in it is deleted); an --out that is or holds an input is always refused",
+    )
 
 
 def _params_arg(p: argparse.ArgumentParser) -> None:
@@ -268,6 +284,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         default="auto",
         help="auto (CUDA when available), cpu, cuda or cuda:N (default: %(default)s)",
     )
+    _force_arg(p)
     p.set_defaults(func=_run_evaluate)
 
 
@@ -276,7 +293,9 @@ def _run_evaluate(args: argparse.Namespace) -> None:
     from imtext.eval.evaluate import evaluate, format_recall_table
 
     cfg = load_stage_config("evaluate", args.params)
-    metrics = evaluate(cfg, args.model, args.prepared, args.out, device=args.device, log=log.info)
+    metrics = evaluate(
+        cfg, args.model, args.prepared, args.out, device=args.device, log=log.info, force=args.force
+    )
     print(format_recall_table(metrics))
     log.info("report: %s", args.out / "report.html")
 
@@ -302,6 +321,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", type=Path, required=True, help="output directory")
     _params_arg(p)
+    _force_arg(p)
     p.set_defaults(func=_run_export)
 
 
@@ -310,7 +330,7 @@ def _run_export(args: argparse.Namespace) -> None:
     from imtext.export import export
 
     cfg = load_stage_config("export", args.params)
-    export(cfg, args.model, args.prepared, args.out, log=log.info)
+    export(cfg, args.model, args.prepared, args.out, log=log.info, force=args.force)
 
 
 def _tracking_arg(p: argparse.ArgumentParser) -> None:
@@ -575,7 +595,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImtextError as exc:
         if args.debug:
             raise
-        print(f"imtext: error: {exc}", file=sys.stderr)
+        # One line, whatever file names or keys the message quotes.
+        print(f"imtext: error: {printable(str(exc))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("imtext: interrupted; outputs were left as they were", file=sys.stderr)

@@ -16,3 +16,14 @@ class ConfigError(ImtextError):
 
 class DataError(ImtextError):
     """An annotation file, image or caption cannot be used."""
+
+
+def printable(text: str) -> str:
+    """``text`` with every character a terminal would act on escaped as in ``repr``.
+
+    File names, object keys and annotation fields come from the input: a newline in one would
+    split a one-line error, an ANSI escape would recolour or rewrite the terminal, a bidi control
+    would reorder what the reader sees. Printable characters, spaces included, pass unchanged, so
+    escaping twice changes nothing more.
+    """
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

@@ -155,11 +155,20 @@ def _params_file(args: argparse.Namespace) -> Path:
 def _checked_params(path: Path, overrides: list[str]) -> tuple[str, dict[str, Any]]:
     """The text of ``path`` and its parameters with ``overrides``, after checking that they give a
     valid config for every stage: a typo fails here, not an hour into a cluster run."""
-    from imtext.config import STAGE_CONFIGS, apply_overrides, read_params, stage_config_from_params
+    from imtext.config import (
+        STAGE_CONFIGS,
+        apply_overrides,
+        check_method,
+        read_params,
+        stage_config_from_params,
+    )
 
     params = apply_overrides(read_params(path), overrides)
-    for stage in STAGE_CONFIGS:
-        stage_config_from_params(stage, params, str(path))
+    configs = {stage: stage_config_from_params(stage, params, str(path)) for stage in STAGE_CONFIGS}
+    # Sections valid on their own can still not fit together (a loss the model cannot train);
+    # the training step would find out only after prepare and pretrain.
+    for stage in ("pretrain", "finetune"):
+        check_method(configs["model"], configs[stage], f"{path}: {stage}")
     return path.read_text(encoding="utf-8"), params
 
 

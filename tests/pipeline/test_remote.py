@@ -94,3 +94,22 @@ def test_unreachable_endpoint_fails_after_bounded_retries(s3_env, monkeypatch, t
         fetch("s3://bucket/shapes", tmp_path, retries=2)
     assert time.monotonic() - start < 30
     assert "AWS_ENDPOINT_URL" in str(info.value)
+
+
+@pytest.mark.parametrize("relative", ["/{tmp}/escaped", "images/../../escaped"])
+def test_a_key_leading_out_of_the_destination_fails_with_nothing_written(
+    bucket, tmp_path, relative
+):
+    # "shapes//abs/path" joined the absolute path /abs/path to the destination.
+    key = "shapes/" + relative.format(tmp=str(tmp_path).strip("/"))
+    boto3.client("s3").put_object(Bucket=bucket, Key=key, Body=b"hostile")
+    with pytest.raises(DataError, match="object key does not name a file inside") as info:
+        fetch(f"s3://{bucket}/shapes", tmp_path / "raw" / "data", log=lambda m: None)
+    assert key in str(info.value)
+    assert tree(tmp_path) == {}
+
+
+def test_a_key_that_is_also_a_folder_is_a_clear_error(bucket, tmp_path):
+    boto3.client("s3").put_object(Bucket=bucket, Key="shapes/images/a.png/x", Body=b"clash")
+    with pytest.raises(DataError, match=r"shapes/images/a\.png.*: cannot be written to"):
+        fetch(f"s3://{bucket}/shapes", tmp_path, log=lambda m: None)

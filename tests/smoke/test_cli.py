@@ -123,3 +123,80 @@ def test_cuhk_format_flag(cuhk_dir, tmp_path, fmt):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "out" / "meta.json").read_text())["metrics"]["max_len"] == 56
+
+
+def _raw_files(root: Path) -> dict[str, bytes]:
+    """The raw data of a fixture directory: its annotation file and images."""
+    files = [root / "dataset.json", *sorted((root / "images").rglob("*.png"))]
+    return {str(p.relative_to(root)): p.read_bytes() for p in files}
+
+
+def test_out_never_deletes_an_input_or_a_directory_imtext_did_not_write(karpathy_dir, tmp_path):
+    raw = _raw_files(karpathy_dir)
+    prepare = [
+        "prepare",
+        "--annotations", karpathy_dir / "dataset.json",
+        "--images", karpathy_dir / "images",
+        "--params", REPO / "params.yaml",
+    ]  # fmt: skip
+    _assert_one_line_error(imtext(*prepare, "--out", karpathy_dir), "holds", "an input")
+    _assert_one_line_error(
+        imtext(*prepare, "--out", karpathy_dir / "images", "--force"), "is", "an input"
+    )
+    shapes = ["data", "shapes", "--images", 12, "--size", 16]
+    _assert_one_line_error(
+        imtext(*shapes, "--out", karpathy_dir), "not written by imtext", "--force"
+    )
+    assert _raw_files(karpathy_dir) == raw
+
+    prepared = tmp_path / "prepared"
+    assert imtext(*prepare, "--out", prepared).returncode == 0
+    assert imtext(*prepare, "--out", prepared).returncode == 0, "its own output is replaced"
+    listing = sorted(p.name for p in prepared.iterdir())
+    for stage in ("evaluate", "export"):
+        result = imtext(
+            stage, "--model", tmp_path / "model.pt", "--prepared", prepared, "--out", prepared,
+            "--params", REPO / "params.yaml",
+        )  # fmt: skip
+        _assert_one_line_error(result, "an input of this run")
+    assert sorted(p.name for p in prepared.iterdir()) == listing
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith((".tmp", ".old"))] == []
+
+
+def test_out_dot_is_refused_at_once_and_leaves_no_copy(karpathy_dir, tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    result = imtext(
+        "prepare", "--annotations", karpathy_dir / "dataset.json", "--images",
+        karpathy_dir / "images", "--out", ".", "--params", REPO / "params.yaml", cwd=work,
+    )  # fmt: skip
+    _assert_one_line_error(result, "current directory")
+    assert not list(work.iterdir())
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_file_name_with_control_characters_stays_one_escaped_line(karpathy_dir, tmp_path):
+    data = json.loads((karpathy_dir / "dataset.json").read_text())
+    data["images"][0]["filename"] = "evil\n\x1b[2J\x1b[31mfake.png"
+    (karpathy_dir / "dataset.json").write_text(json.dumps(data))
+    result = imtext(
+        "prepare", "--annotations", karpathy_dir / "dataset.json", "--images",
+        karpathy_dir / "images", "--out", tmp_path / "out", "--params", REPO / "params.yaml",
+    )  # fmt: skip
+    _assert_one_line_error(result, "evil\\n\\x1b[2J\\x1b[31mfake.png", "image file not found")
+    assert "\x1b" not in result.stderr
+
+
+def test_an_unavailable_device_leaves_no_output_directory(tmp_path, monkeypatch):
+    import torch
+
+    from imtext.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for stage in ("pretrain", "finetune"):
+        out = tmp_path / stage
+        args = [stage, "--prepared", tmp_path / "prepared", "--out", out, "--device", "cuda"]
+        if stage == "finetune":
+            args += ["--init", tmp_path / "model.pt"]
+        assert main([*map(str, args), "--params", str(REPO / "params.yaml")]) == 1
+        assert not out.exists()

@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from imtext._fs import MARKER
 from imtext.config import EvaluateConfig
 from imtext.data.store import PreparedSplit
 from imtext.errors import ConfigError, DataError, ImtextError
@@ -86,7 +87,7 @@ def read_json(path: Path):
 
 def test_writes_every_file_and_nothing_else(run):
     out, _, lines, seen = run
-    assert sorted(p.name for p in out.iterdir()) == sorted(FILES)
+    assert sorted(p.name for p in out.iterdir()) == sorted([*FILES, MARKER])
     assert not [p for p in out.parent.iterdir() if p.name != "out"], "temporary files left"
     for name in ("recall_curve.png", "report.png"):
         with Image.open(out / name) as image:
@@ -202,9 +203,10 @@ def test_the_same_model_gives_the_same_report_and_replaces_old_output(
     out = run[0]
     again = out.parent / "again"
     again.mkdir()
+    (again / MARKER).write_text("")
     (again / "stale.txt").write_text("from an earlier run")
     metrics = evaluate(CFG, tiny_model_file, tiny_prepared, again, device="cpu")
-    assert sorted(p.name for p in again.iterdir()) == sorted(FILES)
+    assert sorted(p.name for p in again.iterdir()) == sorted([*FILES, MARKER])
     assert metrics == read_json(out / "metrics.json")
     for name in ("report.html", "report.png", "recall_curve.json", "recall_curve.png"):
         assert (again / name).read_bytes() == (out / name).read_bytes(), name
@@ -281,6 +283,7 @@ def test_a_model_of_another_vocabulary_is_refused_and_old_output_kept(
     (prepared / "vocab.json").write_text(json.dumps(vocab))
     out = tmp_path / "out"
     out.mkdir()
+    (out / MARKER).write_text("")
     (out / "metrics.json").write_text("{}")
     with pytest.raises(ImtextError, match=r"model\.pt: the model was trained with a vocabulary"):
         evaluate(CFG, tiny_model_file, prepared, out, device="cpu")

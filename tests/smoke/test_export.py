@@ -12,6 +12,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from imtext._fs import MARKER
 from imtext.config import ExportConfig
 from imtext.data.datasets import eval_transform
 from imtext.data.store import PreparedSplit, read_vocabulary
@@ -55,7 +56,13 @@ def model(tiny_model_file: Path):
 def test_writes_the_encoders_and_what_a_client_needs(exported, tiny_prepared):
     out, _ = exported
     names = {path.name for path in out.iterdir()}
-    assert names == ONNX_FILES | {"preprocess.json", "vocab.json", "parity.json", "metrics.json"}
+    assert names == ONNX_FILES | {
+        MARKER,
+        "preprocess.json",
+        "vocab.json",
+        "parity.json",
+        "metrics.json",
+    }
     assert read_vocabulary(out) == read_vocabulary(tiny_prepared)
     spec = json.loads((out / "preprocess.json").read_text())
     assert spec["image"]["size"] == 32 and spec["embed_dim"] == 16
@@ -152,7 +159,7 @@ def test_a_failed_parity_check_stops_the_export_and_keeps_only_the_evidence(
     cfg = ExportConfig(18, 1e-4, "test", 0.5, quantize=False)
     with pytest.raises(ImtextError, match=r"image encoder: max \|ONNX Runtime - PyTorch\| 0\.001"):
         export(cfg, tiny_model_file, tiny_prepared, out)
-    assert [path.name for path in out.iterdir()] == ["parity.json"]
+    assert sorted(path.name for path in out.iterdir()) == [MARKER, "parity.json"]
     report = json.loads((out / "parity.json").read_text())
     assert report["passed"] is False
     assert len(report["failures"]) == 2  # both encoders

@@ -105,3 +105,23 @@ def test_overrides_are_parsed_as_yaml_and_checked():
             apply_overrides(params, [bad])
     with pytest.raises(ConfigError, match=r"finetune\.epochs: expected an integer"):
         stage_config_from_params("finetune", apply_overrides(params, ["finetune.epochs=two"]))
+
+
+@pytest.mark.parametrize("text", [".nan", ".inf", "-.inf", ".NaN"])
+@pytest.mark.parametrize(
+    ("section", "key"),
+    [
+        ("finetune", "lr"),
+        ("register", "gate_min_delta"),
+        ("model", "dropout"),
+        ("export", "parity_tolerance"),
+    ],
+)
+def test_non_finite_floats_are_refused_naming_the_setting(section, key, text):
+    from imtext.config import apply_overrides, stage_config_from_params
+
+    params = apply_overrides(read_params(REPO / "params.yaml"), [f"{section}.{key}={text}"])
+    with pytest.raises(
+        ConfigError, match=rf"params.yaml: {section}\.{key}: expected a finite number"
+    ):
+        stage_config_from_params(section, params, "params.yaml")

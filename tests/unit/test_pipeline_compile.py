@@ -290,3 +290,23 @@ def test_src_never_imports_components_or_pipelines():
     for path in sources("src"):
         names = {top(name) for name, _ in imports(ast.parse(path.read_text()))}
         assert not names & {"components", "pipelines"}, path
+
+
+@pytest.mark.parametrize("command", ["compile", "run", "submit"])
+def test_settings_that_do_not_fit_together_fail_before_any_step(tmp_path, command):
+    """The dual-path model cannot be trained by the logistic loss: refused up front."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["finetune"]["ranking"] = "logistic"
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump(params))
+    argv = {
+        "compile": ["--params", str(bad), "--out", str(tmp_path / "out" / "p.yaml")],
+        "run": [
+            "--set", "finetune.ranking=logistic", "--out", str(tmp_path / "out"),
+            "--data", str(tmp_path),
+        ],
+        "submit": ["--set", "finetune.ranking=logistic", "--host", "http://127.0.0.1:9"],
+    }[command]  # fmt: skip
+    with pytest.raises(ConfigError, match=r"finetune: ranking: 'logistic' trains the pair scores"):
+        cli(command, "--repo", str(REPO), *argv)
+    assert not (tmp_path / "out").exists()

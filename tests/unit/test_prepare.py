@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from imtext._fs import MARKER
 from imtext.data.prepare import encode_image, prepare
 from imtext.data.store import PreparedSplit, read_meta, read_vocabulary
 from imtext.data.text import UNK_ID
@@ -44,7 +45,7 @@ def test_karpathy_end_to_end(karpathy_dir, tmp_path):
     out = tmp_path / "prepared"
     metrics, _ = run(karpathy_dir, out)
     assert sorted(p.name for p in out.iterdir()) == [
-        "meta.json", "test-images.bin", "test.npz", "train-images.bin", "train.npz",
+        MARKER, "meta.json", "test-images.bin", "test.npz", "train-images.bin", "train.npz",
         "val-images.bin", "val.npz", "vocab.json",
     ]  # fmt: skip
     assert metrics["train_images"] == 3 and metrics["train_captions"] == 6
@@ -170,3 +171,94 @@ def test_an_empty_split_is_written_and_warned_about(karpathy_dir, tmp_path):
     assert any("warning: the val split" in line for line in logs)
     val = PreparedSplit.load(tmp_path / "out", "val")
     assert val.n_images == 0 and val.tokens.shape == (0, 32)
+
+
+def set_record(root, index: int, **fields) -> None:
+    data = json.loads((root / "dataset.json").read_text())
+    data["images"][index].update(fields)
+    (root / "dataset.json").write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("how", ["dotdot", "absolute", "symlink"])
+def test_an_image_outside_the_images_folder_is_refused_or_skipped(karpathy_dir, tmp_path, how):
+    secret = write_image(tmp_path / "private" / "secret.png")  # a readable image, outside
+    if how == "dotdot":
+        set_record(karpathy_dir, 0, filepath="../private", filename="secret.png")
+    elif how == "absolute":
+        set_record(karpathy_dir, 0, filename=str(secret))
+    else:
+        (karpathy_dir / "images" / "img0.png").unlink()
+        (karpathy_dir / "images" / "img0.png").symlink_to(secret)
+    logs = assert_fails_then_skips_one(
+        karpathy_dir,
+        tmp_path / "out",
+        r"record 0 \(imgid 0, .*\): image path '.*' leads outside --images .*move the file there "
+        "or pass --skip-bad",
+    )
+    assert any("leads outside --images" in line for line in logs)
+    assert "secret.png" not in " ".join(PreparedSplit.load(tmp_path / "out", "train").filenames)
+
+
+def test_refusing_an_outside_path_does_not_tell_whether_the_file_exists(karpathy_dir, tmp_path):
+    messages = {}
+    for name in ("passwd", "no-such-file"):
+        set_record(karpathy_dir, 0, filepath="../../../../../../../../etc", filename=name)
+        with pytest.raises(DataError) as info:
+            run(karpathy_dir, tmp_path / "out")
+        messages[name] = str(info.value).replace(name, "NAME")
+    assert messages["passwd"] == messages["no-such-file"]
+    assert "leads outside" in messages["passwd"] and "decoded" not in messages["passwd"]
+
+
+def test_a_symlink_to_an_image_inside_the_folder_is_fine(karpathy_dir, tmp_path):
+    (karpathy_dir / "images" / "img0.png").rename(karpathy_dir / "images" / "sub" / "real.png")
+    (karpathy_dir / "images" / "img0.png").symlink_to(karpathy_dir / "images" / "sub" / "real.png")
+    metrics, _ = run(karpathy_dir, tmp_path / "out")
+    assert metrics["train_images"] == 3
+
+
+@pytest.mark.filterwarnings("error")  # no Pillow warning either: the message says it all
+def test_a_decompression_bomb_is_refused_or_skipped(karpathy_dir, tmp_path):
+    Image.new("1", (10_000, 10_000)).save(karpathy_dir / "images" / "img0.png")
+    assert_fails_then_skips_one(
+        karpathy_dir,
+        tmp_path / "out",
+        r"img0\.png: image of 10000 x 10000 pixels is too large.*downscale it \(.*record 0 .*\); "
+        "replace the file or pass --skip-bad",
+    )
+
+
+def test_skip_messages_do_not_suggest_skip_bad(karpathy_dir, tmp_path):
+    data = json.loads((karpathy_dir / "dataset.json").read_text())
+    data["images"][0]["sentences"].append({"raw": "  "})  # an empty caption
+    data["images"][3]["sentences"] = []  # an image without captions
+    data["images"][4]["filename"] = "missing.png"
+    data["images"][5]["filepath"] = ".."  # outside
+    (karpathy_dir / "dataset.json").write_text(json.dumps(data))
+    (karpathy_dir / "images" / "img0.png").write_bytes(b"junk")
+    metrics, logs = run(karpathy_dir, tmp_path / "out", skip_bad=True)
+    skipped = read_meta(tmp_path / "out")["skipped"]
+    assert metrics["skipped"] == len(skipped) == 5
+    assert [line for line in logs if line.startswith("skipped:")] == [
+        f"skipped: {s}" for s in skipped
+    ]
+    assert not [s for s in skipped if "skip-bad" in s]
+
+
+def test_control_characters_in_a_file_name_are_escaped(karpathy_dir, tmp_path):
+    set_record(karpathy_dir, 0, filename="evil\n\x1b[2J\u202eimage.png")
+    with pytest.raises(DataError) as info:
+        run(karpathy_dir, tmp_path / "out")
+    assert "\n" not in str(info.value) and "\x1b" not in str(info.value)
+    assert "evil\\n\\x1b[2J\\u202eimage.png" in str(info.value)
+    _, logs = run(karpathy_dir, tmp_path / "out", skip_bad=True)
+    assert [line for line in logs if "evil" in line] and not [
+        line for line in logs if "\n" in line or "\x1b" in line or "\u202e" in line
+    ]
+
+
+def test_running_again_replaces_its_own_output(karpathy_dir, tmp_path):
+    run(karpathy_dir, tmp_path / "out")
+    (karpathy_dir / "images" / "img5.png").unlink()
+    metrics, _ = run(karpathy_dir, tmp_path / "out", skip_bad=True)
+    assert metrics["test_images"] == 1

@@ -188,3 +188,58 @@ def test_punctuation_only_caption_counts_as_empty(tmp_path):
     with pytest.raises(DataError, match=r"caption 1 has no words \('\.\.\. !'\)"):
         read(path)
     assert read(path, skip_bad=True)[0][0].captions == ("a dog",)
+
+
+def test_an_unhashable_image_id_is_a_data_error(tmp_path):
+    entry = karpathy_image(4, "train", ["a b"])
+    entry["imgid"] = [1, 2]
+    with pytest.raises(DataError, match=r"record 0: field 'imgid' has type list"):
+        read(write(tmp_path, {"images": [entry]}))
+
+
+BAD_VALUES = [[1, 2], {"a": 1}, None, 1.5, True]
+
+
+@pytest.mark.parametrize(
+    "field", ["filename", "imgid", "split", "sentences", "filepath", "sentences.0", "raw"]
+)
+@pytest.mark.parametrize("value", BAD_VALUES, ids=lambda v: type(v).__name__)
+def test_any_json_value_in_a_karpathy_field_is_a_data_error_or_accepted(tmp_path, field, value):
+    """A wrong type anywhere stops the run with a DataError naming the record, never a crash."""
+    entry = karpathy_image(4, "train", ["a b"], filepath="sub")
+    if field == "sentences.0":
+        entry["sentences"][0] = value
+    elif field == "raw":
+        entry["sentences"][0]["raw"] = value
+    else:
+        entry[field] = value
+    try:
+        read(write(tmp_path, {"images": [entry]}))
+    except DataError as exc:
+        assert "record 0" in str(exc)
+
+
+@pytest.mark.parametrize("field", ["file_path", "split", "id", "captions", "captions.0"])
+@pytest.mark.parametrize("value", BAD_VALUES, ids=lambda v: type(v).__name__)
+def test_any_json_value_in_a_cuhk_field_is_a_data_error(tmp_path, field, value):
+    row = {"split": "train", "captions": ["a"], "file_path": "a.png", "id": 1}
+    if field == "captions.0":
+        row["captions"][0] = value
+    else:
+        row[field] = value
+    with pytest.raises(DataError, match="record 0"):
+        read(write(tmp_path, [row]), fmt="cuhk-pedes")
+
+
+def test_control_characters_in_names_are_escaped_in_messages(tmp_path):
+    entry = karpathy_image(4, "train", ["a b"])
+    entry["filename"] = "a\nb\x1b[31m.png"
+    entry["sentences"] = []
+    with pytest.raises(DataError) as info:
+        read(write(tmp_path, {"images": [entry]}))
+    assert r"(imgid 4, a\nb\x1b[31m.png)" in str(info.value)
+    _, skipped = read(write(tmp_path, {"images": [entry]}), skip_bad=True)
+    assert skipped == [
+        f"{tmp_path / 'ann.json'}: record 0 (imgid 4, a\\nb\\x1b[31m.png): the image has no "
+        "captions; add captions"
+    ]

@@ -10,20 +10,29 @@ from __future__ import annotations
 
 import io
 import json
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from imtext._fs import atomic_directory
+from imtext._fs import atomic_directory, check_output_dir
 from imtext.config import PrepareConfig, config_to_dict
-from imtext.data.readers import SKIP_HINT, SPLITS, Format, ImageRecord, read_annotations
+from imtext.data.images import open_rgb, path_inside
+from imtext.data.readers import (
+    SKIP_HINT,
+    SPLITS,
+    Format,
+    ImageRecord,
+    read_annotations,
+    refuse_or_skip,
+)
 from imtext.data.store import META_FILE, VOCAB_FILE, ImageBlobWriter, write_split_arrays
 from imtext.data.text import UNK_ID, Vocabulary, build_vocabulary, encode_all, tokenize
-from imtext.errors import DataError
+from imtext.errors import DataError, printable
 
 #: Caption length used when ``prepare.max_len`` is null, as in the Dual-Path paper.
 DEFAULT_MAX_LEN = {"karpathy": 32, "cuhk-pedes": 56}
@@ -36,21 +45,11 @@ def _no_progress(items: Iterable, total: int, desc: str) -> Iterable:
     return items
 
 
-def encode_image(path: Path, short_side: int, image_format: str) -> bytes:
-    """Decode the image at ``path`` fully, downscale its shorter side to ``short_side`` if longer,
-    and re-encode it; raise :class:`DataError` naming the file if it is missing or unreadable."""
-    try:
-        with Image.open(path) as image:
-            image.load()  # a truncated file fails here, not later in training
-            rgb = image.convert("RGB")
-    except FileNotFoundError:
-        raise DataError(f"{path}: image file not found") from None
-    except UnidentifiedImageError:
-        raise DataError(
-            f"{path}: image cannot be decoded (not an image format Pillow reads)"
-        ) from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise DataError(f"{path}: image cannot be decoded ({exc})") from None
+def encode_image(path: Path | BinaryIO, short_side: int, image_format: str) -> bytes:
+    """Decode the image at ``path`` (safely: see :func:`imtext.data.images.open_rgb`), downscale
+    its shorter side to ``short_side`` if longer, and re-encode it; raise :class:`DataError` naming
+    the file if it is missing, unreadable or too large."""
+    rgb = open_rgb(path, short_side=short_side)
     width, height = rgb.size
     if min(width, height) > short_side:
         scale = short_side / min(width, height)
@@ -64,8 +63,38 @@ def encode_image(path: Path, short_side: int, image_format: str) -> bytes:
     return buffer.getvalue()
 
 
-def find_missing_images(records: Sequence[ImageRecord], images_dir: Path) -> list[ImageRecord]:
-    return [r for r in records if not (images_dir / r.relpath).is_file()]
+def locate_images(
+    records: Sequence[ImageRecord], images_dir: Path, skip_bad: bool, report: Log
+) -> dict[ImageRecord, Path]:
+    """The file of each usable record, below ``images_dir``; a record whose image path leads out
+    of it or names no file stops the run, or with ``skip_bad`` is left out and reported."""
+    located, missing = {}, []
+    for record in records:
+        path = path_inside(images_dir, record.relpath)
+        if path is None:
+            refuse_or_skip(
+                f"{record.where}: image path '{printable(record.relpath)}' leads outside "
+                f"--images {images_dir} ('..', an absolute path or a symbolic link)",
+                "image files must be inside --images; move the file there",
+                skip_bad,
+                report,
+            )
+        elif not path.is_file():
+            missing.append(record)
+        else:
+            located[record] = path
+    if missing and not skip_bad:
+        first = missing[0]
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise DataError(
+            f"{printable(str(images_dir / first.relpath))}: image file not found ({first.where})"
+            f"{more}; check --images {SKIP_HINT}"
+        )
+    for record in missing:
+        report(
+            f"{printable(str(images_dir / record.relpath))}: image file not found ({record.where})"
+        )
+    return located
 
 
 def instance_labels(records: Sequence[ImageRecord]) -> np.ndarray:
@@ -101,8 +130,7 @@ def split_arrays(
 
 
 def _write_images(
-    records: Sequence[ImageRecord],
-    images_dir: Path,
+    located: dict[ImageRecord, Path],
     cfg: PrepareConfig,
     writer: ImageBlobWriter,
     skip_bad: bool,
@@ -111,21 +139,23 @@ def _write_images(
 ) -> list[ImageRecord]:
     """Check, re-encode and append every image to its split's blob; return the records kept."""
 
-    def load(record: ImageRecord) -> bytes | DataError:
+    def load(path: Path) -> bytes | DataError:
         try:
-            return encode_image(images_dir / record.relpath, cfg.image_short_side, cfg.image_format)
+            return encode_image(path, cfg.image_short_side, cfg.image_format)
         except DataError as exc:
             return exc
 
     kept = []
-    with ThreadPoolExecutor(max_workers=cfg.workers) as pool:
-        results = progress(pool.map(load, records), len(records), "images")
+    records = list(located)
+    # A huge image is refused by open_rgb with its own message; Pillow's warning about it would
+    # only repeat that, in a form (a Python warning) the user cannot act on.
+    with warnings.catch_warnings(), ThreadPoolExecutor(max_workers=cfg.workers) as pool:
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        results = progress(pool.map(load, located.values()), len(records), "images")
         for record, result in zip(records, results, strict=True):
             if isinstance(result, DataError):
-                problem = f"{result} ({record.where}); replace the file {SKIP_HINT}"
-                if not skip_bad:
-                    raise DataError(problem)
-                report(problem)
+                problem = f"{result} ({record.where})"
+                refuse_or_skip(problem, "replace the file", skip_bad, report)
                 continue
             writer.append(record.split, result)
             kept.append(record)
@@ -141,19 +171,24 @@ def prepare(
     skip_bad: bool = False,
     log: Log = print,
     progress: Progress = _no_progress,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Run the prepare stage; write ``out_dir`` and return its metrics.
 
     ``out_dir`` receives ``vocab.json``, ``meta.json`` and per split ``{split}.npz`` and
     ``{split}-images.bin``. With ``skip_bad``, unusable captions and images are dropped and listed
-    in ``meta.json``; otherwise the first one raises :class:`DataError`.
+    in ``meta.json``; otherwise the first one raises :class:`DataError`. ``out_dir`` must be new,
+    empty or an earlier output unless ``force`` (see :func:`imtext._fs.output_problem`).
     """
     annotations, images_dir = Path(annotations), Path(images_dir)
+    inputs = (annotations, images_dir)
+    check_output_dir(out_dir, inputs, force)
     if not images_dir.is_dir():
         raise DataError(f"{images_dir}: image directory not found; check --images")
     skipped: list[str] = []
 
     def report(problem: str) -> None:
+        problem = printable(problem)  # one line per problem, whatever the file names hold
         skipped.append(problem)
         log(f"skipped: {problem}")
 
@@ -166,21 +201,11 @@ def prepare(
         report=report,
     )
     log(f"read {len(records)} images from {annotations}")
-    missing = find_missing_images(records, images_dir)
-    if missing and not skip_bad:
-        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise DataError(
-            f"{images_dir / missing[0].relpath}: image file not found ({missing[0].where}){more}; "
-            f"check --images {SKIP_HINT}"
-        )
-    for record in missing:
-        report(f"{images_dir / record.relpath}: image file not found ({record.where})")
-    unreadable = set(missing)
-    records = [r for r in records if r not in unreadable]
+    located = locate_images(records, images_dir, skip_bad, report)
 
-    with atomic_directory(out_dir) as tmp:
+    with atomic_directory(out_dir, inputs=inputs, force=force) as tmp:
         with ImageBlobWriter(tmp) as writer:
-            records = _write_images(records, images_dir, cfg, writer, skip_bad, report, progress)
+            records = _write_images(located, cfg, writer, skip_bad, report, progress)
         by_split = {s: [r for r in records if r.split == s] for s in SPLITS}
         if not by_split["train"]:
             raise DataError(f"{annotations}: no usable training images; the train split is empty")

@@ -17,13 +17,22 @@ from pathlib import Path
 from typing import Any, Literal
 
 from imtext.data.text import tokenize
-from imtext.errors import DataError
+from imtext.errors import DataError, printable
 
 Format = Literal["karpathy", "cuhk-pedes"]
 FORMATS: tuple[str, ...] = ("karpathy", "cuhk-pedes")
 SPLITS = ("train", "val", "test")
 KARPATHY_SPLITS = (*SPLITS, "restval")
 SKIP_HINT = "or pass --skip-bad to leave it out"
+
+
+def refuse_or_skip(problem: str, fix: str, skip_bad: bool, report: Callable[[str], None]) -> None:
+    """Stop the run on a bad record (:class:`DataError`: the problem, the fix and the
+    ``--skip-bad`` hint), or with ``skip_bad`` hand ``report`` the problem and the fix: a record
+    that is being left out needs no hint to leave it out."""
+    if not skip_bad:
+        raise DataError(f"{problem}; {fix} {SKIP_HINT}")
+    report(f"{problem}; {fix}")
 
 
 @dataclass(frozen=True)
@@ -89,10 +98,9 @@ def read_annotations(
         if captions_per_image is not None:
             captions = captions[:captions_per_image]
         if not captions:
-            problem = f"{record.where}: the image has no captions; add captions {SKIP_HINT}"
-            if not skip_bad:
-                raise DataError(problem)
-            report(problem)
+            refuse_or_skip(
+                f"{record.where}: the image has no captions", "add captions", skip_bad, report
+            )
             continue
         records.append(
             ImageRecord(record.where, record.relpath, record.split, captions, record.identity)
@@ -109,10 +117,7 @@ def _clean_captions(
             kept.append(" ".join(caption.split()))
             continue
         what = "is empty" if not caption.strip() else f"has no words ({caption.strip()!r})"
-        problem = f"{record.where}: caption {j} {what}; write the caption {SKIP_HINT}"
-        if not skip_bad:
-            raise DataError(problem)
-        report(problem)
+        refuse_or_skip(f"{record.where}: caption {j} {what}", "write the caption", skip_bad, report)
     return tuple(kept)
 
 
@@ -163,9 +168,10 @@ def _karpathy_records(data: Any, path: Path, use_restval: bool) -> list[ImageRec
                 f"{path}: record {i} is not an object; the annotation file is malformed"
             )
         filename = _field(entry, "filename", str, f"record {i}", path)
-        imgid = entry.get("imgid", i)
-        where = f"record {i} (imgid {imgid}, {filename})"
-        _claim(seen, imgid, i, f"image id {imgid}", where, path)
+        # Any JSON value can stand here; only a number or a string can name an image.
+        imgid = _field(entry, "imgid", (int, str), f"record {i}", path) if "imgid" in entry else i
+        where = f"record {i} (imgid {printable(str(imgid))}, {printable(filename)})"
+        _claim(seen, imgid, i, f"image id {printable(str(imgid))}", where, path)
         split = _split(entry, KARPATHY_SPLITS, where, path)
         if split == "restval":
             if not use_restval:
@@ -180,7 +186,11 @@ def _karpathy_records(data: Any, path: Path, use_restval: bool) -> list[ImageRec
             else:
                 tokens = _field(sentence, "tokens", list, f"{where}, sentence {j}", path)
                 captions.append(" ".join(map(str, tokens)))
-        filepath = entry.get("filepath")
+        filepath = (
+            _field(entry, "filepath", str, where, path)
+            if entry.get("filepath") is not None
+            else None
+        )
         relpath = f"{filepath}/{filename}" if filepath else filename
         records.append(ImageRecord(f"{path}: {where}", relpath, split, tuple(captions)))
     return records
@@ -201,8 +211,8 @@ def _cuhk_records(data: Any, path: Path) -> list[ImageRecord]:
                 f"{path}: record {i} is not an object; the annotation file is malformed"
             )
         relpath = _field(entry, "file_path", str, f"record {i}", path)
-        where = f"record {i} ({relpath})"
-        _claim(seen, relpath, i, f"image {relpath}", where, path)
+        where = f"record {i} ({printable(relpath)})"
+        _claim(seen, relpath, i, f"image {printable(relpath)}", where, path)
         split = _split(entry, SPLITS, where, path)
         identity = _field(entry, "id", int, where, path)
         captions = _field(entry, "captions", list, where, path)

@@ -16,9 +16,9 @@ import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
-from imtext.errors import DataError, ImtextError
+from imtext.errors import DataError, ImtextError, printable
 
 S3_SCHEME = "s3://"
 FILE_SCHEME = "file://"
@@ -95,9 +95,11 @@ def _fetch_s3(location: str, dest: Path, *, retries: int, workers: int, log: Log
             f"(upload a dataset with `aws s3 sync DIR {location}`)"
         )
     dest.mkdir(parents=True, exist_ok=True)
+    # Every key is mapped and checked before the first download: a hostile key fails the fetch
+    # with nothing written.
+    targets = [(key, size, local_path(dest, bucket, prefix, key)) for key, size in objects]
     todo = []
-    for key, size in objects:
-        target = dest.joinpath(*PurePosixPath(key[len(prefix) :]).parts)
+    for key, size, target in targets:
         if not target.is_file() or target.stat().st_size != size:
             todo.append((key, target))
     total = sum(size for _, size in objects)
@@ -108,10 +110,16 @@ def _fetch_s3(location: str, dest: Path, *, retries: int, workers: int, log: Log
 
     def download(item: tuple[str, Path]) -> None:
         key, target = item
-        target.parent.mkdir(parents=True, exist_ok=True)
         part = target.with_name(f".{target.name}.part")
-        client.download_file(bucket, key, str(part))
-        os.replace(part, target)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            client.download_file(bucket, key, str(part))
+            os.replace(part, target)
+        except OSError as exc:  # e.g. keys "a" and "a/b": one path cannot be a file and a folder
+            raise DataError(
+                f"{printable(f's3://{bucket}/{key}')}: cannot be written to {target} "
+                f"({exc.strerror or exc}); rename the object or free the path"
+            ) from None
 
     with _s3_errors(location, bucket, endpoint, retries), ThreadPoolExecutor(workers) as pool:
         for done, _ in enumerate(pool.map(download, todo), start=1):
@@ -119,6 +127,45 @@ def _fetch_s3(location: str, dest: Path, *, retries: int, workers: int, log: Log
                 log(f"fetched {done}/{len(todo)} files")
     log(f"fetched {len(todo)} files from {location}")
     return dest
+
+
+def key_problem(relative_key: str) -> str | None:
+    """Why an object key, relative to the fetched prefix, names no file below the destination;
+    ``None`` when it is a plain relative path.
+
+    S3 keys are arbitrary strings: ``a//b`` joins to the absolute path ``/b``, ``..`` climbs out,
+    and ``.`` or a NUL cannot be a file name, so only non-empty segments other than these pass.
+    """
+    if not relative_key:
+        return "it is the prefix itself"
+    if "\0" in relative_key:
+        return "it holds a NUL character"
+    if relative_key.startswith("/"):
+        return "it would be an absolute path"
+    segments = relative_key.split("/")
+    if any(segment in ("", ".", "..") for segment in segments):
+        return "it has an empty, '.' or '..' path segment"
+    return None
+
+
+def local_path(dest: Path, bucket: str, prefix: str, key: str) -> Path:
+    """Where the object ``key`` (under ``prefix``) goes below ``dest``.
+
+    Raises :class:`DataError` naming the key when it would land anywhere else, through its own
+    segments or through a symbolic link already in ``dest``.
+    """
+    relative_key = key[len(prefix) :]
+    problem = key_problem(relative_key)
+    target = dest.joinpath(*relative_key.split("/"))
+    if problem is None and not target.resolve().is_relative_to(dest.resolve()):
+        problem = "a symbolic link in the destination leads out of it"
+    if problem is not None:
+        shown = printable(f"s3://{bucket}/{key}")
+        raise DataError(
+            f"{shown}: object key does not name a file inside {dest} ({problem}); rename the "
+            "object or fetch another prefix"
+        )
+    return target
 
 
 def _list_objects(client, bucket: str, prefix: str) -> list[tuple[str, int]]:
@@ -129,8 +176,6 @@ def _list_objects(client, bucket: str, prefix: str) -> list[tuple[str, int]]:
             key = item["Key"]
             if key.endswith("/"):
                 continue
-            if ".." in PurePosixPath(key[len(prefix) :]).parts:
-                raise DataError(f"s3://{bucket}/{key}: object key escapes its prefix; rename it")
             objects.append((key, int(item["Size"])))
     return objects
 

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from imtext import __version__
-from imtext._fs import atomic_directory
+from imtext._fs import atomic_directory, check_output_dir
 from imtext.config import EvaluateConfig, config_to_dict
 from imtext.data.store import PreparedSplit, arrays_file, read_meta, read_vocabulary
 from imtext.errors import ConfigError, DataError, ImtextError
@@ -100,16 +100,20 @@ def evaluate(
     device: str = "auto",
     log: Log = _no_log,
     progress: Progress | None = None,
+    force: bool = False,
 ) -> dict[str, float]:
     """Evaluate the model file ``model_path`` on split ``cfg.split`` of ``prepared`` data.
 
     Writes the files of the module docstring into ``out_dir`` (replaced as a whole) and returns
-    what ``metrics.json`` holds. ``progress`` (as in ``prepare``: ``(items, total, desc)`` ->
+    what ``metrics.json`` holds; ``out_dir`` must be new, empty or an earlier output unless
+    ``force`` (see :func:`imtext._fs.output_problem`). ``progress`` (as in ``prepare``: ``(items, total, desc)`` ->
     iterable) wraps :data:`PHASES`. Raises :class:`ImtextError` for a missing model file, a missing
     or empty split, a model trained on another vocabulary, or a protocol the data cannot follow.
     """
     started = time.perf_counter()
     model_path, prepared, out_dir = Path(model_path), Path(prepared), Path(out_dir)
+    inputs = (model_path, prepared)
+    check_output_dir(out_dir, inputs, force)
     phases = iter((progress or _no_progress)(PHASES, len(PHASES), "evaluate"))
     next(phases)
     split, data_format = load_split(prepared, cfg.split)
@@ -150,7 +154,7 @@ def evaluate(
         image_fold=image_fold, caption_fold=caption_fold, i2t_ranks=i2t_ranks, t2i_ranks=t2i_ranks,
     )  # fmt: skip
     context = _context(cfg, model_path, prepared, data_format, record, torch_device, examples)
-    with atomic_directory(out_dir) as tmp:
+    with atomic_directory(out_dir, inputs=inputs, force=force) as tmp:
         context["seconds"] = round(time.perf_counter() - started, 3)
         write_outputs(tmp, metrics, curve, examples, context)
     next(phases, None)  # lets a progress bar finish

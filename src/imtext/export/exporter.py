@@ -65,7 +65,7 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 from torch import nn
 
 from imtext import __version__
-from imtext._fs import atomic_directory
+from imtext._fs import atomic_directory, check_output_dir
 from imtext.config import ExportConfig, ModelConfig, config_from_dict, config_to_dict
 from imtext.data.datasets import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from imtext.data.store import VOCAB_FILE as PREPARED_VOCAB_FILE
@@ -758,6 +758,7 @@ def export(
     out_dir: Path,
     *,
     log: Log = _no_log,
+    force: bool = False,
 ) -> dict[str, float]:
     """Run the export stage: ONNX encoders of ``model_path`` into ``out_dir``, verified on the
     ``cfg.recall_split`` split of ``prepared`` (see the module docstring).
@@ -769,8 +770,10 @@ def export(
     """
     start = time.perf_counter()
     model_path, prepared, out_dir = Path(model_path), Path(prepared), Path(out_dir)
+    inputs = (model_path, prepared)
+    check_output_dir(out_dir, inputs, force)
     model, model_cfg, split = load_inputs(model_path, prepared, cfg.recall_split)
-    with atomic_directory(out_dir) as tmp:
+    with atomic_directory(out_dir, inputs=inputs, force=force) as tmp:
         names = write_encoders(model, model_cfg, int(split.tokens.shape[1]), cfg, tmp)
         shutil.copyfile(prepared / PREPARED_VOCAB_FILE, tmp / VOCAB_FILE)
         sizes = {name: (tmp / name).stat().st_size / 2**20 for name in names}
