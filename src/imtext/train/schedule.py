@@ -6,9 +6,8 @@ in Stage I, x0.001-0.02 in Stage II) and the word2vec embedding (x0.001).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
