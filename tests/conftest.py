@@ -119,6 +119,9 @@ TINY_MODEL = {
     "fusion_dims": [8],
     "discriminator_dims": [],
     "bn_momentum": 0.1,
+    "image_stem": "standard",
+    "embedding": "pre_relu",
+    "text_encoder": "cnn",
 }
 
 

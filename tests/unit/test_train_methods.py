@@ -375,9 +375,13 @@ def _tokens(split: PreparedSplit, rows: list[int]) -> torch.Tensor:
 
 
 def test_model_config_defaults_match_params_yaml():
-    """The fields' defaults (for old files) are params.yaml's values: one meaning of 'default'."""
+    """The method fields' defaults (for old files) are params.yaml's values: one meaning of
+    'default'. The recipe fields of issue 13 are the exception: their defaults rebuild the models
+    written before them, params.yaml's values are the recipe that learns (docs/training.md)."""
+    recipe = {"image_stem", "embedding", "text_encoder"}
     for key, value in MODEL_METHOD_DEFAULTS.items():
-        assert PARAMS["model"][key] == value, key
+        if key not in recipe:
+            assert PARAMS["model"][key] == value, key
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     for stage in ("pretrain", "finetune"):
         for key in ("top_k", "sentences_per_image", "adversarial_weight", "init_temperature"):

@@ -17,6 +17,7 @@ metadata by the pinned Pillow.
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import random
@@ -474,3 +475,28 @@ def generate_shapes(
     text = json.dumps(annotations, separators=(",", ":"), ensure_ascii=False) + "\n"
     (out_dir / "dataset.json").write_text(text, encoding="utf-8")
     return split_sizes(n_images)
+
+
+def background_plateau_rsum(
+    backgrounds: Sequence[str], captions_per_image: int = CAPTIONS_PER_IMAGE, ks=(1, 5, 10)
+) -> float:
+    """The expected rsum (percent) of a model that knows only each image's background colour:
+    it ranks the items of the query's background first, in random order among themselves.
+
+    For an image of a background shared by ``m`` gallery images, text -> image finds it in the
+    top K with probability ``min(K, m) / m``; image -> text finds one of its ``c`` captions among
+    the ``c * m`` of that background with probability ``1 - C(cm - c, K) / C(cm, K)``. A trained
+    model that sits near this value has collapsed onto the background (docs/training.md).
+
+    >>> round(background_plateau_rsum(["white", "white", "black", "black"], 1, ks=(1,)), 1)
+    100.0
+    """
+    counts = collections.Counter(backgrounds)
+    c = captions_per_image
+    total = 0.0
+    for m in counts.values():
+        for k in ks:
+            t2i = min(k, m) / m
+            i2t = 1.0 - math.comb(c * m - c, k) / math.comb(c * m, k) if k <= c * m else 1.0
+            total += m * (t2i + i2t)
+    return 100.0 * total / len(backgrounds)
