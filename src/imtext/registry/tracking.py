@@ -32,6 +32,7 @@ from mlflow.tracking import MlflowClient
 
 from imtext.config import RegisterConfig
 from imtext.errors import ImtextError
+from imtext.registry.export_check import verify_export
 from imtext.registry.provenance import (
     TAG_DATA_MD5,
     TAG_GATE_METRIC,
@@ -194,6 +195,8 @@ def read_candidate(
     for name in EXPORT_REQUIRED:
         if not (export_dir / name).is_file():
             raise ImtextError(f"{export_dir / name}: ONNX encoder not found; run export first")
+    # parity.json is only a claim: load the encoders and check them before creating a version.
+    verify_export(export_dir)
     raw = read_json(eval_dir / "metrics.json", "evaluation metrics")
     metrics = numeric_metrics(raw) if isinstance(raw, dict) else {}
     if cfg.gate_metric not in metrics:
