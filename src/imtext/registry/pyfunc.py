@@ -24,7 +24,7 @@ from __future__ import annotations
 import base64
 import binascii
 import importlib.metadata
-import io
+import logging
 import shutil
 import tempfile
 import warnings
@@ -36,7 +36,10 @@ import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model, ModelSignature
+from mlflow.protos.databricks_pb2 import INTERNAL_ERROR
 from mlflow.types import ColSpec, Schema, TensorSpec
+
+_logger = logging.getLogger(__name__)
 
 #: Name of the model's artifact holding the export directory.
 EXPORT_ARTIFACT = "export"
@@ -73,29 +76,45 @@ class ImtextEncoders(mlflow.pyfunc.PythonModel):
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict | None = None
     ) -> np.ndarray:
+        """Answer one request; every failure reaches the client as a one-line message (MLflow's
+        scoring server sends the stack trace of anything but an :class:`MlflowException`)."""
         from imtext.export.runtime import InputError
 
-        table = as_table(model_input)
+        try:
+            return self.answer(as_table(model_input))
+        except MlflowException:
+            raise
+        except InputError as exc:
+            # A bad request (e.g. a caption without words) is the caller's to fix: a 400, not a 500.
+            raise MlflowException.invalid_parameter_value(str(exc)) from None
+        except Exception as exc:
+            # The trace stays in the server's log; the client learns only that the model failed.
+            _logger.exception("imtext model: predict failed")
+            raise MlflowException(
+                f"the model failed on this request ({type(exc).__name__}); the server log has "
+                "the details",
+                error_code=INTERNAL_ERROR,
+            ) from None
+
+    def answer(self, table: pd.DataFrame) -> np.ndarray:
+        """Embeddings or pair scores of a checked request table (see the module docstring)."""
         column = query_column(table)
         if column != PAIRS and not self.encoders.indexable:
             raise MlflowException.invalid_parameter_value(
                 "this model is a similarity network: it scores (image, caption) pairs and has no "
                 "embedding to return; send the columns 'image' and 'text' together, one pair per row"
             )
-        try:
-            if column == PAIRS:
-                images = [decode_image(data, row) for row, data in enumerate(table[IMAGE_COLUMN])]
-                texts = [str(text) for text in table[TEXT_COLUMN]]
-                return self.encoders.score_pairs(images, texts).astype(np.float32)[:, None]
-            if column == TEXT_COLUMN:
-                embeddings = self.encoders.embed_texts([str(text) for text in table[TEXT_COLUMN]])
-            else:
-                embeddings = self.encoders.embed_images(
-                    [decode_image(data, row) for row, data in enumerate(table[IMAGE_COLUMN])]
-                )
-        except InputError as exc:
-            # A bad request (e.g. a caption without words) is the caller's to fix: a 400, not a 500.
-            raise MlflowException.invalid_parameter_value(str(exc)) from None
+        size = self.encoders.spec.image.size
+        if column in (PAIRS, IMAGE_COLUMN):
+            # Decoded one by one at reduced size: a request holds small images, never large ones.
+            images = [decode_image(data, row, size) for row, data in enumerate(table[IMAGE_COLUMN])]
+        if column == PAIRS:
+            texts = [str(text) for text in table[TEXT_COLUMN]]
+            return self.encoders.score_pairs(images, texts).astype(np.float32)[:, None]
+        if column == TEXT_COLUMN:
+            embeddings = self.encoders.embed_texts([str(text) for text in table[TEXT_COLUMN]])
+        else:
+            embeddings = self.encoders.embed_images(images)
         return np.asarray(embeddings, dtype=np.float32)
 
 
@@ -130,9 +149,11 @@ def query_column(table: pd.DataFrame) -> str:
     return present[0] if len(present) == 1 else PAIRS
 
 
-def decode_image(data: Any, row: int) -> Any:
-    """An RGB PIL image from encoded bytes (or their base64 text)."""
-    from PIL import Image, UnidentifiedImageError
+def decode_image(data: Any, row: int, size: int) -> Any:
+    """An RGB PIL image from encoded bytes (or their base64 text), for an encoder whose input is
+    ``size`` x ``size``: pixel count checked from the header, large images decoded at reduced size
+    (:func:`imtext.export.runtime.open_image`)."""
+    from imtext.export.runtime import InputError, open_image
 
     if isinstance(data, str):
         try:
@@ -141,13 +162,14 @@ def decode_image(data: Any, row: int) -> Any:
             raise MlflowException.invalid_parameter_value(
                 f"image row {row}: text that is not base64; send the encoded file's bytes"
             ) from None
-    try:
-        with Image.open(io.BytesIO(bytes(data))) as image:
-            return image.convert("RGB")
-    except (UnidentifiedImageError, OSError, TypeError) as exc:
+    if not isinstance(data, bytes | bytearray | memoryview):
         raise MlflowException.invalid_parameter_value(
-            f"image row {row}: not a PNG or JPEG file ({exc})"
-        ) from None
+            f"image row {row}: expected the bytes of a PNG or JPEG file, got {type(data).__name__}"
+        )
+    try:
+        return open_image(bytes(data), size)
+    except InputError as exc:
+        raise MlflowException.invalid_parameter_value(f"image row {row}: {exc}") from None
 
 
 def serving_requirements() -> list[str]:
