@@ -26,10 +26,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from imtext import __version__
 from imtext.config import RegisterConfig
 from imtext.errors import ConfigError, ImtextError
 from imtext.registry.lock import WAIT_S, Lease, check_still_held, promotion_lock
-from imtext.registry.provenance import TAG_SIMILARITY
+from imtext.registry.provenance import TAG_IMTEXT_VERSION, TAG_MODEL_SHA256, TAG_SIMILARITY
 from imtext.registry.retry import RegistryError, Server, bounded_http_retries, no_log
 from imtext.registry.tracking import connect, resolve_tracking_uri
 
@@ -343,9 +344,15 @@ def load_champion(
     ``cfg`` supplies the retry policy and the default tracking URI (defaults: 4 attempts from 1 s);
     the model's files are downloaded to ``dst_path`` (a new temporary directory by default).
     See :mod:`imtext.registry.pyfunc` for the input and output of ``predict``.
+
+    No code from the artifact store runs: the downloaded files must hash to the version's
+    ``imtext.model_sha256`` tag, and the model is built from the installed imtext, which must be
+    the version's ``imtext.version`` (:func:`imtext.registry.pyfunc.load_verified`). A version
+    that fails either check is a :class:`RegistryError` saying what to do.
     """
     import mlflow.artifacts
-    import mlflow.pyfunc
+
+    from imtext.registry.pyfunc import load_verified
 
     cfg = cfg or _default_cfg(model_name, alias)
     uri = resolve_tracking_uri(cfg, tracking_uri)
@@ -357,6 +364,7 @@ def load_champion(
                 f"no version of {model_name!r} holds alias {alias!r} at {uri}; promote one with "
                 "`imtext promote`"
             )
+        expected = trusted_digest(champion, uri)
         # The version's own artifact URI (mlflow-artifacts:/, s3://, file:), resolved here
         # because MLflow's download of a models:/ URI ignores an explicit registry URI.
         source = server.call(
@@ -373,7 +381,35 @@ def load_champion(
             dst_path=str(target),
             tracking_uri=uri,
         )
-    return mlflow.pyfunc.load_model(local)
+    try:
+        return load_verified(Path(local), expected)
+    except ValueError as exc:
+        raise RegistryError(
+            f"version {champion.version} of {model_name!r} at {uri}: {exc}"
+        ) from None
+
+
+def trusted_digest(version: Any, uri: str) -> str:
+    """The ``imtext.model_sha256`` tag of ``version``, after checking that it was registered by
+    the imtext installed here (the code that will run it)."""
+    tags = version.tags or {}
+    name, number = version.name, version.version
+    digest = tags.get(TAG_MODEL_SHA256)
+    if not digest:
+        raise RegistryError(
+            f"version {number} of {name!r} at {uri} has no {TAG_MODEL_SHA256} tag (registered "
+            "before imtext recorded it, or not by `imtext register`), so its files cannot be "
+            "verified; register its export again and promote the new version"
+        )
+    registered_with = tags.get(TAG_IMTEXT_VERSION)
+    if registered_with != __version__:
+        raise RegistryError(
+            f"version {number} of {name!r} at {uri} was registered by imtext {registered_with} "
+            f"but imtext {__version__} is installed here, and serving runs the installed imtext, "
+            f"never the copy in the artifact store; install imtext {registered_with} to serve it, "
+            "or register its export again with this one"
+        )
+    return digest
 
 
 def _default_cfg(model_name: str, alias: str) -> RegisterConfig:

@@ -17,12 +17,19 @@ The model holds the whole export directory (encoders, ``preprocess.json``, ``voc
 ``parity.json``) as its artifact ``export``; at load time ``imtext.export.runtime.OnnxEncoders``
 (onnxruntime, no torch) runs it. The imtext source is packed into the model (``code/imtext``) so a
 serving environment built from the model's requirements alone can import it.
+
+Trust: ``mlflow.pyfunc.load_model`` (and ``mlflow models serve``) imports that packed source and
+runs the stored model file, so whoever can write to the artifact store could run code there.
+:func:`load_verified` never does: it checks every file against :func:`model_digest` recorded at
+registration, then builds the model from the *installed* imtext and the export's data files.
+``imtext.registry.load_champion`` serves that way; see ``mlflow/README.md``.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import importlib.metadata
 import logging
 import shutil
@@ -234,3 +241,75 @@ def save_encoders_model(export_dir: Path, path: Path, mlflow_model: Model) -> No
                 pip_requirements=serving_requirements(),
                 mlflow_model=mlflow_model,
             )
+
+
+def model_digest(path: Path) -> str:
+    """sha256 over every file under ``path``: each file's path relative to it and the sha256 of
+    its bytes, in sorted order. Equal for a model directory and its download; a changed, added,
+    removed or renamed file changes it. A symbolic link counts as its target path, never followed.
+    """
+    path = Path(path)
+    digest = hashlib.sha256()
+    for item in sorted(path.rglob("*"), key=lambda p: p.relative_to(path).as_posix()):
+        name = item.relative_to(path).as_posix()
+        if item.is_symlink():
+            content = b"symlink:" + str(item.readlink()).encode()
+        elif item.is_file():
+            content = _file_sha256(item).encode()
+        else:
+            continue
+        digest.update(name.encode() + b"\0" + content + b"\n")
+    return digest.hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class InstalledModel:
+    """The pyfunc implementation :func:`load_verified` builds: an :class:`ImtextEncoders` from the
+    installed imtext, with the artifacts of a downloaded model as its context."""
+
+    def __init__(self, python_model: ImtextEncoders, context: Any) -> None:
+        # ``python_model`` is the attribute PyFuncModel.unwrap_python_model reads.
+        self.python_model, self.context = python_model, context
+
+    def predict(self, data: Any, params: dict | None = None) -> np.ndarray:
+        return self.python_model.predict(self.context, data, params)
+
+
+def load_verified(path: Path, expected_digest: str) -> mlflow.pyfunc.PyFuncModel:
+    """The pyfunc model in the downloaded directory ``path``, run by the installed imtext.
+
+    Raises :class:`ValueError` when the files under ``path`` do not hash to ``expected_digest``
+    (they changed after registration). Nothing under ``path`` is imported or executed: only
+    ``MLmodel`` (YAML, for the signature) and the export's ONNX and JSON files are read.
+    """
+    from mlflow.pyfunc import PyFuncModel, PythonModelContext
+
+    path = Path(path)
+    found = model_digest(path)
+    if found != expected_digest:
+        raise ValueError(
+            f"{path}: its files hash to {found}, not to {expected_digest} recorded at "
+            "registration, so they changed in the artifact store: do not serve them; find out who "
+            "wrote them, then register a trusted export again"
+        )
+    meta = Model.load(str(path / "MLmodel"))
+    recorded = meta.flavors.get("python_function", {}).get("artifacts", {}).get(EXPORT_ARTIFACT)
+    relative = (recorded or {}).get("path") if isinstance(recorded, dict) else None
+    # MLflow names the folder after the export directory it copied; it must stay inside the model.
+    export = (path / str(relative)).resolve()
+    if not relative or not export.is_relative_to(path.resolve()) or not export.is_dir():
+        raise ValueError(
+            f"{path}: not an imtext encoders model (MLmodel names no export folder inside it); "
+            "register the export with `imtext register`"
+        )
+    context = PythonModelContext(artifacts={EXPORT_ARTIFACT: str(export)}, model_config={})
+    python_model = ImtextEncoders()
+    python_model.load_context(context)
+    return PyFuncModel(model_meta=meta, model_impl=InstalledModel(python_model, context))
