@@ -113,7 +113,7 @@ class ImtextEncoders(mlflow.pyfunc.PythonModel):
             )
         size = self.encoders.spec.image.size
         if column in (PAIRS, IMAGE_COLUMN):
-            # Decoded one by one at reduced size: a request holds small images, never large ones.
+            # Each is decoded at reduced size before the next: the request never holds a large one.
             images = [decode_image(data, row, size) for row, data in enumerate(table[IMAGE_COLUMN])]
         if column == PAIRS:
             texts = [str(text) for text in table[TEXT_COLUMN]]
