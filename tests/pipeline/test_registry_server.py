@@ -15,6 +15,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from imtext.registry import RegistryUnavailableError, load_champion, promote
+from tests.unit.test_promotion_race import add_version, run_races
 from tests.unit.test_registry import (
     GIT_COMMIT,
     Stages,
@@ -91,3 +92,18 @@ def test_register_promote_and_serve_through_the_server(mlflow_server, client_env
     with pytest.raises(RegistryUnavailableError, match=mlflow_server.url):
         promote(cfg, worse.version)
     assert time.monotonic() - start < 30
+
+
+def test_concurrent_promotions_through_the_server_end_on_the_best_version(
+    mlflow_server, client_env
+):
+    # The promotion lock is a registered model created through the REST API: the server's
+    # database makes the second creator fail, whichever machine it runs on.
+    cfg = make_cfg(mlflow_server.url, gate_min_delta=0.0)
+    client = MlflowClient(tracking_uri=mlflow_server.url, registry_uri=mlflow_server.url)
+    assert [add_version(client, cfg.model_name, rsum) for rsum in (10.0, 20.0, 30.0)] == [
+        "1",
+        "2",
+        "3",
+    ]
+    run_races(cfg, client)

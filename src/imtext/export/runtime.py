@@ -38,8 +38,11 @@ Scoring (``preprocess.json`` field ``similarity``):
 
 from __future__ import annotations
 
+import io
 import json
+import math
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -69,6 +72,17 @@ IMAGE_BATCH, TEXT_BATCH = 64, 256
 #: Pairs per pair-scorer call (holds 2 x PAIR_BATCH x D float32 inputs: 64 MiB at D = 256).
 PAIR_BATCH = 32768
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
+#: Largest image (width x height, read from the file's header before any pixel is decoded) that
+#: :func:`open_image` decodes. A 1-bit PNG of 12000 x 12000 is 91 KB on the wire but 432 MB as RGB;
+#: this limit (a 7700 x 5200 photo) bounds one decoded image to 120 MB of RGB.
+MAX_IMAGE_PIXELS = 40_000_000
+#: The formats :func:`open_image` decodes: what clients are told to send, and no other decoder
+#: meets hostile bytes.
+IMAGE_FORMATS = ("PNG", "JPEG")
+#: A large image is decoded at reduced size, but its shorter side stays at least this many times
+#: the encoder's input side, so the exact antialiased resize still does the last step (an image
+#: smaller than that is decoded exactly as before).
+DECODE_MARGIN = 2
 #: Fields that name a rule rather than a value: this runtime implements one of each.
 RULE_FIELDS = (
     "resize", "interpolation", "resize_passes", "crop", "channel_order", "layout", "dtype",
@@ -243,6 +257,68 @@ def preprocess_image(image: Image.Image, spec: ImageSpec) -> np.ndarray:
     pixels = np.asarray(image, dtype=np.float32) * np.float32(spec.scale)  # (S, S, 3)
     pixels = (pixels - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
     return np.ascontiguousarray(pixels.transpose(2, 0, 1))
+
+
+def open_image(data: bytes, size: int, *, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """An RGB image from the bytes of a PNG or JPEG file, for an encoder whose input is
+    ``size`` x ``size``; :class:`InputError` with a one-line reason for anything else.
+
+    The pixel count is read from the header and checked against ``max_pixels`` before decoding.
+    A large image is decoded at reduced size (a JPEG by DCT scaling, :meth:`PIL.Image.Image.draft`;
+    a PNG by :meth:`~PIL.Image.Image.reduce` before its colour conversion), keeping the shorter
+    side at least :data:`DECODE_MARGIN` x ``size``.
+    """
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns above its own (larger) limit; the check below refuses those anyway.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+    except Image.DecompressionBombError:
+        raise InputError(
+            f"more than {max_pixels:,} pixels; send the image scaled down (the model sees "
+            f"{size} x {size})"
+        ) from None
+    except (OSError, ValueError, TypeError) as exc:
+        raise InputError(f"not a PNG or JPEG file ({_first_line(exc)})") from None
+    width, height = image.size
+    if width * height > max_pixels or width < 1 or height < 1:
+        raise InputError(
+            f"{width} x {height} pixels is more than the {max_pixels:,} this model decodes; send "
+            f"the image scaled down (the model sees {size} x {size})"
+        )
+    try:
+        return reduced_rgb(image, size)
+    except (OSError, ValueError, SyntaxError) as exc:  # truncated or corrupt pixel data
+        raise InputError(
+            f"a {image.format} file that cannot be decoded ({_first_line(exc)})"
+        ) from None
+
+
+def reduced_rgb(image: Image.Image, size: int) -> Image.Image:
+    """``image`` (opened, not yet decoded) decoded and converted to RGB, at reduced size when its
+    shorter side exceeds ``2 x DECODE_MARGIN x size``."""
+    width, height = image.size
+    keep = DECODE_MARGIN * size
+    if min(width, height) > keep:
+        scale = keep / min(width, height)
+        # JPEG only (other formats ignore it): decode at 1/2, 1/4 or 1/8 scale, never below this.
+        image.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
+    image.load()
+    factor = min(image.size) // keep
+    if factor < 2:
+        return image.convert("RGB")
+    # reduce() averages raw values: palette indices must become colours first; 1-bit to 8-bit
+    # grey is the same size in memory.
+    if image.mode == "1":
+        image = image.convert("L")
+    elif image.mode not in ("L", "RGB", "RGBA", "LA"):
+        image = image.convert("RGB")
+    return image.reduce(factor).convert("RGB")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text[:200]
 
 
 def tokenize(text: str, spec: TextSpec) -> list[str]:

@@ -3,8 +3,13 @@
 * :func:`register` logs params, metrics, history, report, ``model.pt`` and the ONNX encoders (as a
   pyfunc) to one run and registers a new version of the model;
 * :func:`promote` moves the alias (``champion``) to a version only if it beats the champion on the
-  gate metric, and records why on the version; :func:`preview_promotion` says what it would do;
-* :func:`load_champion` loads ``models:/<name>@champion`` as a pyfunc that embeds texts and images.
+  gate metric, and records why on the version; concurrent promotions take turns through a lock
+  kept in the registry (:mod:`.lock`); :func:`preview_promotion` says what it would do;
+* :func:`load_champion` loads ``models:/<name>@champion`` as a pyfunc that embeds texts and images,
+  after checking its files against the hash recorded at registration, and runs the installed
+  imtext, never the copy stored with the model (trust model: ``mlflow/README.md``).
+
+``register`` verifies the export itself (:mod:`.export_check`) before it creates a version.
 
 Every request to the tracking server or object store is retried (``register.retries``) and ends,
 when the server stays away, in a :class:`RegistryUnavailableError` that says what to do.

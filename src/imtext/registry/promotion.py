@@ -9,6 +9,12 @@ A person can override a refusal with a written reason (``force_reason``), which 
 One refusal cannot be forced: a candidate that scores differently from the champion (version tag
 ``imtext.similarity``: ``dot`` for embedding models, ``network`` for the similarity network, which
 answers pairs only) would break every client of the alias, so it needs a registered model of its own.
+
+Concurrent promotions take turns: reading the champion, judging and moving the alias happen under
+a promotion lock held in the registry itself (:mod:`imtext.registry.lock`), so every promoter that
+shares the tracking server or the SQLite file sees it. The second promoter waits, then judges its
+candidate against the champion the first one left. After moving the alias, ``promote`` reads it
+back and checks that the lock is still its own.
 """
 
 from __future__ import annotations
@@ -20,9 +26,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from imtext import __version__
 from imtext.config import RegisterConfig
 from imtext.errors import ConfigError, ImtextError
-from imtext.registry.provenance import TAG_SIMILARITY
+from imtext.registry.lock import WAIT_S, Lease, check_still_held, promotion_lock
+from imtext.registry.provenance import TAG_IMTEXT_VERSION, TAG_MODEL_SHA256, TAG_SIMILARITY
 from imtext.registry.retry import RegistryError, Server, bounded_http_retries, no_log
 from imtext.registry.tracking import connect, resolve_tracking_uri
 
@@ -52,6 +60,7 @@ def promote(
     tracking_uri: str | None = None,
     force_reason: str | None = None,
     log: Callable[[str], None] = no_log,
+    lock_wait_s: float = WAIT_S,
 ) -> PromotionDecision:
     """Point alias ``cfg.alias`` of ``cfg.model_name`` at ``version`` if it passes the gate.
 
@@ -60,32 +69,60 @@ def promote(
     (``promoted=False`` with a reason naming both values), not an error. ``force_reason`` promotes
     regardless and is recorded; an empty one is a :class:`ConfigError`. A version (candidate or
     champion) without the gate metric is an :class:`ImtextError`, unless forced.
+
+    Runs under the promotion lock (module docstring), waiting up to ``lock_wait_s`` seconds for
+    another promoter of the same alias; a :class:`RegistryError` says who holds it when that runs
+    out.
     """
     if force_reason is not None and not force_reason.strip():
         raise ConfigError("promote: forcing a promotion needs a reason; pass a non-empty reason")
     version = str(version)
-    forced = force_reason is not None
     server = connect(resolve_tracking_uri(cfg, tracking_uri), cfg, log)
-    with bounded_http_retries():
-        decision = judge(server, cfg, version, forced=forced)
-        if decision.previous_champion == version:
-            log(f"{cfg.model_name} version {version}: {decision.reason}")
-            return decision
-        if forced and decision.incompatible:
-            raise ConfigError(f"promote: cannot force version {version}: {decision.reason}")
-        if forced:
-            decision = force(decision, force_reason.strip())
-        record_decision(server, cfg, decision, force_reason)
-        if decision.promoted:
-            server.call(
-                f"point alias {cfg.alias!r} at version {version}",
-                server.client.set_registered_model_alias,
-                cfg.model_name,
-                cfg.alias,
-                version,
-            )
+    with bounded_http_retries(), promotion_lock(server, cfg, lock_wait_s, log) as lease:
+        decision = judge_and_move(server, cfg, version, force_reason, lease)
     log(f"{cfg.model_name} version {version}: {decision.reason}")
     return decision
+
+
+def judge_and_move(
+    server: Server, cfg: RegisterConfig, version: str, force_reason: str | None, lease: Lease
+) -> PromotionDecision:
+    """The body of :func:`promote`, run while holding ``lease``."""
+    forced = force_reason is not None
+    decision = judge(server, cfg, version, forced=forced)
+    if decision.previous_champion == version:
+        return decision
+    if forced and decision.incompatible:
+        raise ConfigError(f"promote: cannot force version {version}: {decision.reason}")
+    if forced:
+        decision = force(decision, force_reason.strip())
+    record_decision(server, cfg, decision, force_reason)
+    if decision.promoted:
+        check_still_held(server, lease)
+        server.call(
+            f"point alias {cfg.alias!r} at version {version}",
+            server.client.set_registered_model_alias,
+            cfg.model_name,
+            cfg.alias,
+            version,
+        )
+        verify_alias(server, cfg, version, lease)
+    return decision
+
+
+def verify_alias(server: Server, cfg: RegisterConfig, version: str, lease: Lease) -> None:
+    """Read the alias back: it names ``version`` and the lock is still ours, or a promoter that
+    ignores the lock (an older imtext, the MLflow UI) moved it meanwhile and a person must look."""
+    champion = champion_version(server, cfg.model_name, cfg.alias)
+    found = None if champion is None else str(champion.version)
+    if found != version:
+        raise RegistryError(
+            f"alias {cfg.alias!r} of {cfg.model_name!r} at {server.uri} names version {found} "
+            f"right after it was pointed at version {version}: something moved it without the "
+            f"promotion lock {lease.name!r} (an older imtext, the MLflow UI); check the alias and "
+            "run `imtext promote` again for the versions involved"
+        )
+    check_still_held(server, lease, margin_s=0.0)
 
 
 def preview_promotion(
@@ -307,9 +344,15 @@ def load_champion(
     ``cfg`` supplies the retry policy and the default tracking URI (defaults: 4 attempts from 1 s);
     the model's files are downloaded to ``dst_path`` (a new temporary directory by default).
     See :mod:`imtext.registry.pyfunc` for the input and output of ``predict``.
+
+    No code from the artifact store runs: the downloaded files must hash to the version's
+    ``imtext.model_sha256`` tag, and the model is built from the installed imtext, which must be
+    the version's ``imtext.version`` (:func:`imtext.registry.pyfunc.load_verified`). A version
+    that fails either check is a :class:`RegistryError` saying what to do.
     """
     import mlflow.artifacts
-    import mlflow.pyfunc
+
+    from imtext.registry.pyfunc import load_verified
 
     cfg = cfg or _default_cfg(model_name, alias)
     uri = resolve_tracking_uri(cfg, tracking_uri)
@@ -321,6 +364,7 @@ def load_champion(
                 f"no version of {model_name!r} holds alias {alias!r} at {uri}; promote one with "
                 "`imtext promote`"
             )
+        expected = trusted_digest(champion, uri)
         # The version's own artifact URI (mlflow-artifacts:/, s3://, file:), resolved here
         # because MLflow's download of a models:/ URI ignores an explicit registry URI.
         source = server.call(
@@ -337,7 +381,35 @@ def load_champion(
             dst_path=str(target),
             tracking_uri=uri,
         )
-    return mlflow.pyfunc.load_model(local)
+    try:
+        return load_verified(Path(local), expected)
+    except ValueError as exc:
+        raise RegistryError(
+            f"version {champion.version} of {model_name!r} at {uri}: {exc}"
+        ) from None
+
+
+def trusted_digest(version: Any, uri: str) -> str:
+    """The ``imtext.model_sha256`` tag of ``version``, after checking that it was registered by
+    the imtext installed here (the code that will run it)."""
+    tags = version.tags or {}
+    name, number = version.name, version.version
+    digest = tags.get(TAG_MODEL_SHA256)
+    if not digest:
+        raise RegistryError(
+            f"version {number} of {name!r} at {uri} has no {TAG_MODEL_SHA256} tag (registered "
+            "before imtext recorded it, or not by `imtext register`), so its files cannot be "
+            "verified; register its export again and promote the new version"
+        )
+    registered_with = tags.get(TAG_IMTEXT_VERSION)
+    if registered_with != __version__:
+        raise RegistryError(
+            f"version {number} of {name!r} at {uri} was registered by imtext {registered_with} "
+            f"but imtext {__version__} is installed here, and serving runs the installed imtext, "
+            f"never the copy in the artifact store; install imtext {registered_with} to serve it, "
+            "or register its export again with this one"
+        )
+    return digest
 
 
 def _default_cfg(model_name: str, alias: str) -> RegisterConfig:

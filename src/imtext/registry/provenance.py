@@ -23,6 +23,12 @@ TAG_GATE_METRIC = "imtext.gate_metric"
 TAG_GATE_VALUE = "imtext.gate_value"
 #: How the model scores a pair: ``dot`` (embeddings) or ``network`` (the similarity network).
 TAG_SIMILARITY = "imtext.similarity"
+#: sha256 over every file of the version's pyfunc model (code, MLmodel, environment, export), as
+#: written at registration (:func:`imtext.registry.pyfunc.model_digest`); serving checks it.
+TAG_MODEL_SHA256 = "imtext.model_sha256"
+#: The imtext version that registered the model; serving runs its own installed imtext, which
+#: must be this version.
+TAG_IMTEXT_VERSION = "imtext.version"
 
 #: MLflow rejects longer param values; longer ones are cut and marked (the full params are an
 #: artifact, ``params.json``).

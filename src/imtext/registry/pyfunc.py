@@ -17,14 +17,21 @@ The model holds the whole export directory (encoders, ``preprocess.json``, ``voc
 ``parity.json``) as its artifact ``export``; at load time ``imtext.export.runtime.OnnxEncoders``
 (onnxruntime, no torch) runs it. The imtext source is packed into the model (``code/imtext``) so a
 serving environment built from the model's requirements alone can import it.
+
+Trust: ``mlflow.pyfunc.load_model`` (and ``mlflow models serve``) imports that packed source and
+runs the stored model file, so whoever can write to the artifact store could run code there.
+:func:`load_verified` never does: it checks every file against :func:`model_digest` recorded at
+registration, then builds the model from the *installed* imtext and the export's data files.
+``imtext.registry.load_champion`` serves that way; see ``mlflow/README.md``.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import importlib.metadata
-import io
+import logging
 import shutil
 import tempfile
 import warnings
@@ -36,7 +43,10 @@ import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model, ModelSignature
+from mlflow.protos.databricks_pb2 import INTERNAL_ERROR
 from mlflow.types import ColSpec, Schema, TensorSpec
+
+_logger = logging.getLogger(__name__)
 
 #: Name of the model's artifact holding the export directory.
 EXPORT_ARTIFACT = "export"
@@ -73,29 +83,45 @@ class ImtextEncoders(mlflow.pyfunc.PythonModel):
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict | None = None
     ) -> np.ndarray:
+        """Answer one request; every failure reaches the client as a one-line message (MLflow's
+        scoring server sends the stack trace of anything but an :class:`MlflowException`)."""
         from imtext.export.runtime import InputError
 
-        table = as_table(model_input)
+        try:
+            return self.answer(as_table(model_input))
+        except MlflowException:
+            raise
+        except InputError as exc:
+            # A bad request (e.g. a caption without words) is the caller's to fix: a 400, not a 500.
+            raise MlflowException.invalid_parameter_value(str(exc)) from None
+        except Exception as exc:
+            # The trace stays in the server's log; the client learns only that the model failed.
+            _logger.exception("imtext model: predict failed")
+            raise MlflowException(
+                f"the model failed on this request ({type(exc).__name__}); the server log has "
+                "the details",
+                error_code=INTERNAL_ERROR,
+            ) from None
+
+    def answer(self, table: pd.DataFrame) -> np.ndarray:
+        """Embeddings or pair scores of a checked request table (see the module docstring)."""
         column = query_column(table)
         if column != PAIRS and not self.encoders.indexable:
             raise MlflowException.invalid_parameter_value(
                 "this model is a similarity network: it scores (image, caption) pairs and has no "
                 "embedding to return; send the columns 'image' and 'text' together, one pair per row"
             )
-        try:
-            if column == PAIRS:
-                images = [decode_image(data, row) for row, data in enumerate(table[IMAGE_COLUMN])]
-                texts = [str(text) for text in table[TEXT_COLUMN]]
-                return self.encoders.score_pairs(images, texts).astype(np.float32)[:, None]
-            if column == TEXT_COLUMN:
-                embeddings = self.encoders.embed_texts([str(text) for text in table[TEXT_COLUMN]])
-            else:
-                embeddings = self.encoders.embed_images(
-                    [decode_image(data, row) for row, data in enumerate(table[IMAGE_COLUMN])]
-                )
-        except InputError as exc:
-            # A bad request (e.g. a caption without words) is the caller's to fix: a 400, not a 500.
-            raise MlflowException.invalid_parameter_value(str(exc)) from None
+        size = self.encoders.spec.image.size
+        if column in (PAIRS, IMAGE_COLUMN):
+            # Each is decoded at reduced size before the next: the request never holds a large one.
+            images = [decode_image(data, row, size) for row, data in enumerate(table[IMAGE_COLUMN])]
+        if column == PAIRS:
+            texts = [str(text) for text in table[TEXT_COLUMN]]
+            return self.encoders.score_pairs(images, texts).astype(np.float32)[:, None]
+        if column == TEXT_COLUMN:
+            embeddings = self.encoders.embed_texts([str(text) for text in table[TEXT_COLUMN]])
+        else:
+            embeddings = self.encoders.embed_images(images)
         return np.asarray(embeddings, dtype=np.float32)
 
 
@@ -130,9 +156,11 @@ def query_column(table: pd.DataFrame) -> str:
     return present[0] if len(present) == 1 else PAIRS
 
 
-def decode_image(data: Any, row: int) -> Any:
-    """An RGB PIL image from encoded bytes (or their base64 text)."""
-    from PIL import Image, UnidentifiedImageError
+def decode_image(data: Any, row: int, size: int) -> Any:
+    """An RGB PIL image from encoded bytes (or their base64 text), for an encoder whose input is
+    ``size`` x ``size``: pixel count checked from the header, large images decoded at reduced size
+    (:func:`imtext.export.runtime.open_image`)."""
+    from imtext.export.runtime import InputError, open_image
 
     if isinstance(data, str):
         try:
@@ -141,13 +169,14 @@ def decode_image(data: Any, row: int) -> Any:
             raise MlflowException.invalid_parameter_value(
                 f"image row {row}: text that is not base64; send the encoded file's bytes"
             ) from None
-    try:
-        with Image.open(io.BytesIO(bytes(data))) as image:
-            return image.convert("RGB")
-    except (UnidentifiedImageError, OSError, TypeError) as exc:
+    if not isinstance(data, bytes | bytearray | memoryview):
         raise MlflowException.invalid_parameter_value(
-            f"image row {row}: not a PNG or JPEG file ({exc})"
-        ) from None
+            f"image row {row}: expected the bytes of a PNG or JPEG file, got {type(data).__name__}"
+        )
+    try:
+        return open_image(bytes(data), size)
+    except InputError as exc:
+        raise MlflowException.invalid_parameter_value(f"image row {row}: {exc}") from None
 
 
 def serving_requirements() -> list[str]:
@@ -212,3 +241,75 @@ def save_encoders_model(export_dir: Path, path: Path, mlflow_model: Model) -> No
                 pip_requirements=serving_requirements(),
                 mlflow_model=mlflow_model,
             )
+
+
+def model_digest(path: Path) -> str:
+    """sha256 over every file under ``path``: each file's path relative to it and the sha256 of
+    its bytes, in sorted order. Equal for a model directory and its download; a changed, added,
+    removed or renamed file changes it. A symbolic link counts as its target path, never followed.
+    """
+    path = Path(path)
+    digest = hashlib.sha256()
+    for item in sorted(path.rglob("*"), key=lambda p: p.relative_to(path).as_posix()):
+        name = item.relative_to(path).as_posix()
+        if item.is_symlink():
+            content = b"symlink:" + str(item.readlink()).encode()
+        elif item.is_file():
+            content = _file_sha256(item).encode()
+        else:
+            continue
+        digest.update(name.encode() + b"\0" + content + b"\n")
+    return digest.hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class InstalledModel:
+    """The pyfunc implementation :func:`load_verified` builds: an :class:`ImtextEncoders` from the
+    installed imtext, with the artifacts of a downloaded model as its context."""
+
+    def __init__(self, python_model: ImtextEncoders, context: Any) -> None:
+        # ``python_model`` is the attribute PyFuncModel.unwrap_python_model reads.
+        self.python_model, self.context = python_model, context
+
+    def predict(self, data: Any, params: dict | None = None) -> np.ndarray:
+        return self.python_model.predict(self.context, data, params)
+
+
+def load_verified(path: Path, expected_digest: str) -> mlflow.pyfunc.PyFuncModel:
+    """The pyfunc model in the downloaded directory ``path``, run by the installed imtext.
+
+    Raises :class:`ValueError` when the files under ``path`` do not hash to ``expected_digest``
+    (they changed after registration). Nothing under ``path`` is imported or executed: only
+    ``MLmodel`` (YAML, for the signature) and the export's ONNX and JSON files are read.
+    """
+    from mlflow.pyfunc import PyFuncModel, PythonModelContext
+
+    path = Path(path)
+    found = model_digest(path)
+    if found != expected_digest:
+        raise ValueError(
+            f"{path}: its files hash to {found}, not to {expected_digest} recorded at "
+            "registration, so they changed in the artifact store: do not serve them; find out who "
+            "wrote them, then register a trusted export again"
+        )
+    meta = Model.load(str(path / "MLmodel"))
+    recorded = meta.flavors.get("python_function", {}).get("artifacts", {}).get(EXPORT_ARTIFACT)
+    relative = (recorded or {}).get("path") if isinstance(recorded, dict) else None
+    # MLflow names the folder after the export directory it copied; it must stay inside the model.
+    export = (path / str(relative)).resolve()
+    if not relative or not export.is_relative_to(path.resolve()) or not export.is_dir():
+        raise ValueError(
+            f"{path}: not an imtext encoders model (MLmodel names no export folder inside it); "
+            "register the export with `imtext register`"
+        )
+    context = PythonModelContext(artifacts={EXPORT_ARTIFACT: str(export)}, model_config={})
+    python_model = ImtextEncoders()
+    python_model.load_context(context)
+    return PyFuncModel(model_meta=meta, model_impl=InstalledModel(python_model, context))

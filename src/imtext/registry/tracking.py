@@ -30,13 +30,17 @@ from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric, Param,
 from mlflow.models import Model
 from mlflow.tracking import MlflowClient
 
+from imtext import __version__
 from imtext.config import RegisterConfig
 from imtext.errors import ImtextError
+from imtext.registry.export_check import verify_export
 from imtext.registry.provenance import (
     TAG_DATA_MD5,
     TAG_GATE_METRIC,
     TAG_GATE_VALUE,
     TAG_GIT_COMMIT,
+    TAG_IMTEXT_VERSION,
+    TAG_MODEL_SHA256,
     TAG_PARAMS_SHA256,
     TAG_SIMILARITY,
     canonical_json,
@@ -48,7 +52,7 @@ from imtext.registry.provenance import (
     params_sha256,
     read_json,
 )
-from imtext.registry.pyfunc import save_encoders_model
+from imtext.registry.pyfunc import model_digest, save_encoders_model
 from imtext.registry.retry import (
     DEFAULT_HINT,
     RegistryError,
@@ -167,8 +171,12 @@ def register(
             log_params(server, run_id, params)
             log_metrics(server, run_id, candidate)
             log_artifacts(server, run_id, params, candidate)
-            model_id = log_encoders_model(server, run_id, experiment_id, candidate.export_dir, tags)
-            version = create_version(server, cfg, run_id, model_id, tags)
+            model_id, digest = log_encoders_model(
+                server, run_id, experiment_id, candidate.export_dir, tags
+            )
+            version = create_version(
+                server, cfg, run_id, model_id, {**tags, TAG_MODEL_SHA256: digest}
+            )
             server.call(
                 "finish the MLflow run",
                 server.client.set_terminated,
@@ -194,6 +202,8 @@ def read_candidate(
     for name in EXPORT_REQUIRED:
         if not (export_dir / name).is_file():
             raise ImtextError(f"{export_dir / name}: ONNX encoder not found; run export first")
+    # parity.json is only a claim: load the encoders and check them before creating a version.
+    verify_export(export_dir)
     raw = read_json(eval_dir / "metrics.json", "evaluation metrics")
     metrics = numeric_metrics(raw) if isinstance(raw, dict) else {}
     if cfg.gate_metric not in metrics:
@@ -222,6 +232,7 @@ def provenance_tags(
     """Tags of the run and the version: where the candidate came from and its gate metric."""
     tags = {
         TAG_GIT_COMMIT: git_commit(),
+        TAG_IMTEXT_VERSION: __version__,
         TAG_PARAMS_SHA256: params_sha256(params),
         TAG_GATE_METRIC: cfg.gate_metric,
         TAG_GATE_VALUE: repr(metrics[cfg.gate_metric]),
@@ -335,8 +346,9 @@ def log_artifacts(
 
 def log_encoders_model(
     server: Server, run_id: str, experiment_id: str, export_dir: Path, tags: dict[str, str]
-) -> str:
-    """Log the ONNX encoders as a pyfunc model of the run; returns its logged-model id.
+) -> tuple[str, str]:
+    """Log the ONNX encoders as a pyfunc model of the run; returns its logged-model id and the
+    :func:`~imtext.registry.pyfunc.model_digest` of the files uploaded.
 
     Done step by step (rather than ``mlflow.pyfunc.log_model``) so every request goes through the
     retries and no global MLflow state (tracking URI, active run) is touched.
@@ -359,6 +371,8 @@ def log_encoders_model(
             model_id=model.model_id,
         )
         save_encoders_model(export_dir, path, record)
+        # Hashed before upload: what serving downloads must hash the same (load_champion).
+        digest = model_digest(path)
         server.call(
             "upload the encoders model", client.log_model_artifacts, model.model_id, str(path)
         )
@@ -374,7 +388,7 @@ def log_encoders_model(
         model.model_id,
         LoggedModelStatus.READY,
     )
-    return model.model_id
+    return model.model_id, digest
 
 
 def with_global_tracking_uri(uri: str, call: Callable[..., Any]) -> Callable[..., Any]:
