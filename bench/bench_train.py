@@ -23,7 +23,7 @@ from imtext.config import load_stage_config
 from imtext.data.datasets import InstanceTrainDataset, train_transform
 from imtext.data.store import PreparedSplit, read_vocabulary
 from imtext.models.dual_path import build_model
-from imtext.train.loop import Batch, step_losses, train_stage
+from imtext.train.loop import Batch, autocast_for, step_losses, train_stage
 from imtext.train.schedule import build_optimizer, parameter_groups
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,11 +37,15 @@ def model_only_samples_per_s(model_cfg, cfg, prepared: Path, steps: int) -> floa
     model = build_model(model_cfg, len(read_vocabulary(prepared)), n_classes).train()
     optimizer = build_optimizer(parameter_groups(model, cfg), cfg)
     model.image.freeze_backbone(cfg.backbone_lr_mult == 0)
+    # The loop's own precision and memory layout, so the ratio is the loop's overhead only.
+    model.image.to(memory_format=torch.channels_last)
     dataset = InstanceTrainDataset(
-        train, train_transform(model_cfg.image_size, cfg.hflip, cfg.crop_scale), cfg.text_shift
+        train,
+        train_transform(model_cfg.image_size, cfg.hflip, cfg.crop_scale, cfg.image_augment),
+        cfg.text_shift,
     )
     items = [dataset[i] for i in range(cfg.batch_size)]
-    images = torch.stack([it["image"] for it in items])
+    images = torch.stack([it["image"] for it in items]).to(memory_format=torch.channels_last)
     tokens = torch.stack([it["tokens"] for it in items])
     labels = torch.tensor([it["label"] for it in items])
     batch = Batch(images, tokens, labels, labels)
@@ -50,7 +54,8 @@ def model_only_samples_per_s(model_cfg, cfg, prepared: Path, steps: int) -> floa
     for i in range(steps + 2):  # two warm-up steps
         if i == 2:
             start = time.perf_counter()
-        losses = step_losses(model(images, tokens), batch, cfg, torch.device("cpu"))
+        with autocast_for(torch.device("cpu"), cfg.precision):
+            losses = step_losses(model(images, tokens), batch, cfg, torch.device("cpu"))
         optimizer.zero_grad()
         losses["loss"].backward()
         optimizer.step()

@@ -122,6 +122,9 @@ TINY_MODEL = {
     "image_stem": "standard",
     "embedding": "pre_relu",
     "text_encoder": "cnn",
+    "text_strides": [1, 2, 2, 1],
+    "classifier": "linear",
+    "classifier_scale": 32.0,
 }
 
 

@@ -60,6 +60,8 @@ Embedding = Literal["pre_relu", "post_relu"]
 
 TextEncoder = Literal["cnn", "gru"]
 
+Classifier = Literal["linear", "cosine"]
+
 Schedule = Literal["step", "cosine"]
 
 Augment = Literal["resized_crop", "shift"]
@@ -126,6 +128,14 @@ class ModelConfig:
     #: The text branch: the paper's deep text CNN (``cnn``) or VSE++'s GRU (``gru``; one
     #: bidirectional layer of ``4 * text_width`` units each way, ``text_blocks`` unused).
     text_encoder: TextEncoder = "cnn"
+    #: Stride of the first block of each text-CNN stage (paper: [1, 2, 2, 1]); [1, 1, 1, 1]
+    #: keeps every word position to the max-pool.
+    text_strides: list[int] = dataclasses.field(default_factory=lambda: [1, 2, 2, 1])
+    #: The shared instance classifier: the paper's linear layer (``linear``) or ``cosine``
+    #: (``classifier_scale * cos``, no bias; METHODS.md section 4.2).
+    classifier: Classifier = "linear"
+    #: ``cosine``: the scale of the cosines (the softmax's inverse temperature).
+    classifier_scale: float = 32.0
 
     def __post_init__(self) -> None:
         for name in ("image_size", "embed_dim", "word_dim", "text_width", "branch_hidden"):
@@ -133,6 +143,15 @@ class ModelConfig:
                 raise ConfigError(f"{name}: must be at least 1, got {getattr(self, name)}")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"dropout: must be in [0, 1), got {self.dropout}")
+        if self.classifier == "cosine" and self.classifier_bias:
+            raise ConfigError(
+                "classifier_bias: the cosine classifier has no bias; set classifier_bias false "
+                "or classifier linear"
+            )
+        if self.classifier_scale <= 0:
+            raise ConfigError(f"classifier_scale: must be positive, got {self.classifier_scale}")
+        if len(self.text_strides) != 4 or not set(self.text_strides) <= {1, 2}:
+            raise ConfigError(f"text_strides: need 4 strides of 1 or 2, got {self.text_strides}")
         if len(self.text_blocks) != 4 or min(self.text_blocks) < 1:
             raise ConfigError(
                 f"text_blocks: need 4 stages of at least 1 block, got {self.text_blocks}"

@@ -56,6 +56,33 @@ class MethodOutput(NamedTuple):
     pair_scores: torch.Tensor | None = None
 
 
+class CosineClassifier(nn.Module):
+    """The shared instance classifier as ``scale * cos(feature, w_k)``: features and class
+    vectors L2-normalised, no bias (``model.classifier: cosine``).
+
+    METHODS.md section 4.2 suggests it over raw logits for many classes: every class vector moves
+    on the unit sphere where the embeddings live, so the few updates each of 4,000 classes gets in
+    a short schedule are not spent on its norm. ``weight`` (C, D) has the plain linear layer's
+    name and shape.
+    """
+
+    def __init__(self, in_dim: int, n_classes: int, scale: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_classes, in_dim))
+        nn.init.normal_(self.weight, std=in_dim**-0.5)
+        self.scale = scale
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.scale * F.normalize(features, dim=1) @ F.normalize(self.weight, dim=1).T
+
+
+def build_classifier(cfg: ModelConfig, n_classes: int) -> nn.Module:
+    """The shared instance classifier of ``cfg.classifier``: the paper's linear layer or cosine."""
+    if cfg.classifier == "cosine":
+        return CosineClassifier(cfg.embed_dim, n_classes, cfg.classifier_scale)
+    return nn.Linear(cfg.embed_dim, n_classes, bias=cfg.classifier_bias)
+
+
 def _detach(x: torch.Tensor) -> torch.Tensor:
     return x.detach()
 
@@ -69,7 +96,7 @@ class DualPathModel(nn.Module):
         )
         self.text = build_text_encoder(cfg, vocab_size)
         self.dropout = nn.Dropout(cfg.dropout)
-        self.classifier = nn.Linear(cfg.embed_dim, n_classes, bias=cfg.classifier_bias)
+        self.classifier = build_classifier(cfg, n_classes)
         # Built after everything else, so that the parts above draw the same initial weights
         # with or without it; None registers nothing (the state_dict stays the paper model's).
         self.discriminator: nn.Module | None = None
@@ -149,7 +176,13 @@ def build_text_encoder(cfg: ModelConfig, vocab_size: int) -> nn.Module:
     if cfg.text_encoder == "gru":
         return TextGRU(vocab_size, cfg.word_dim, cfg.text_width, cfg.embed_dim, final_relu)
     return TextCNN(
-        vocab_size, cfg.word_dim, cfg.text_width, cfg.text_blocks, cfg.embed_dim, final_relu
+        vocab_size,
+        cfg.word_dim,
+        cfg.text_width,
+        cfg.text_blocks,
+        cfg.embed_dim,
+        final_relu,
+        cfg.text_strides,
     )
 
 

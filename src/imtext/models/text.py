@@ -18,6 +18,8 @@ Both heads end in BatchNorm, with or without its ReLU (``final_relu``; ``model.e
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,6 +28,8 @@ from imtext.models.image import projection_head
 
 #: Stride of each stage's first block (paper: res-A 1, res-B 2, res-C 2, res-D 1).
 STAGE_STRIDES = (1, 2, 2, 1)
+#: Strides that keep every position: a stride-2 projection shortcut (1x1) reads only every other
+#: position, and on short captions that loses words (docs/training.md, the text proxy).
 
 
 class WordConv(nn.Module):
@@ -67,10 +71,12 @@ class Bottleneck(nn.Module):
         return F.relu(self.body(x) + self.shortcut(x))
 
 
-def text_stages(in_ch: int, width: int, blocks: list[int]) -> nn.Sequential:
-    """The four residual stages; output channels ``8 * width``."""
+def text_stages(
+    in_ch: int, width: int, blocks: list[int], strides: Sequence[int] = STAGE_STRIDES
+) -> nn.Sequential:
+    """The four residual stages, the first block of each with its stride; output ``8 * width``."""
     layers: list[nn.Module] = []
-    for stage, (count, stride) in enumerate(zip(blocks, STAGE_STRIDES, strict=True)):
+    for stage, (count, stride) in enumerate(zip(blocks, strides, strict=True)):
         out_ch = width * 2**stage
         # The first stage's projection block narrows to half; later ones keep full width.
         first_mid = out_ch // 2 if stage == 0 else out_ch
@@ -91,12 +97,13 @@ class TextCNN(nn.Module):
         blocks: list[int],
         embed_dim: int,
         final_relu: bool = True,
+        strides: Sequence[int] = STAGE_STRIDES,
     ) -> None:
         super().__init__()
         self.words = nn.Embedding(vocab_size, word_dim, padding_idx=0)
         self.word_bias = nn.Parameter(torch.zeros(word_dim))
         self.word_bn = nn.BatchNorm1d(word_dim)
-        self.stages = text_stages(word_dim, width, blocks)
+        self.stages = text_stages(word_dim, width, blocks, strides)
         self.head = projection_head(8 * width, embed_dim, layers=1, final_relu=final_relu)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
