@@ -269,7 +269,12 @@ class TrainConfig:
     image_augment: Augment = "resized_crop"
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "candidate_pool", "eval_every"):
+        if self.epochs < 0:
+            raise ConfigError(
+                f"epochs: must be at least 0 (0 trains nothing and passes the initial model on), "
+                f"got {self.epochs}"
+            )
+        for name in ("batch_size", "candidate_pool", "eval_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be at least 1, got {getattr(self, name)}")
         if self.ranking.startswith("paired") and self.batch_size % 2:
@@ -322,9 +327,8 @@ class TrainConfig:
         for name in ("neighbour_weight", "adversarial_weight", "adversarial_lambda"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must not be negative, got {getattr(self, name)}")
-        if not 0 <= self.adversarial_warmup_epochs < self.epochs or (
-            self.adversarial_warmup_epochs and not self.adversarial_weight
-        ):
+        warmup = self.adversarial_warmup_epochs
+        if warmup < 0 or (warmup and (warmup >= self.epochs or not self.adversarial_weight)):
             raise ConfigError(
                 f"adversarial_warmup_epochs: must be in [0, epochs) = [0, {self.epochs}) and needs "
                 f"adversarial_weight > 0, got {self.adversarial_warmup_epochs}"

@@ -47,7 +47,9 @@ def test_cosine_schedule_warms_up_linearly_then_falls_to_zero():
 
 
 def test_step_schedule_without_warm_up_is_the_old_per_epoch_schedule():
-    cfg = train_config(lr=0.1, epochs=6, lr_milestones=[5], lr_gamma=0.1, warmup_epochs=0.0)
+    cfg = train_config(
+        lr=0.1, epochs=6, lr_schedule="step", lr_milestones=[5], lr_gamma=0.1, warmup_epochs=0.0
+    )
     assert [lr_at_time(t, cfg) for t in (0.0, 4.99, 5.0)] == pytest.approx([0.1, 0.1, 0.01])
     warm = dataclasses.replace(cfg, warmup_epochs=2.0)
     assert lr_at_time(1.0, warm) == pytest.approx(0.05)

@@ -147,7 +147,9 @@ def test_build_optimizer_adam_is_adamw():
 
 
 def test_set_epoch_lr_scales_every_group():
-    cfg = train_config(lr=0.01, lr_milestones=[4], lr_gamma=0.1, word_lr_mult=0.001)
+    cfg = train_config(
+        lr=0.01, lr_schedule="step", lr_milestones=[4], lr_gamma=0.1, word_lr_mult=0.001
+    )
     optimizer = build_optimizer(parameter_groups(tiny_model(), cfg), cfg)
     assert set_epoch_lr(optimizer, 3, cfg) == pytest.approx(0.01)
     assert set_epoch_lr(optimizer, 5, cfg) == pytest.approx(0.001)

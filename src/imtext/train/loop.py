@@ -671,10 +671,21 @@ def _train_stage(stage, model_cfg, cfg, prepared, out_dir, init, resume, info, l
                 state.bad_evals,
             )
         distributed.barrier(info)
+    if cfg.epochs == 0 and info.is_main:
+        _pass_initial_model(core, model_cfg, len(vocab), n_classes, cfg, stage, out_dir, log)
     result = _stage_metrics(state)
     if info.is_main:
         _write_json(out_dir / METRICS_FILE, result)
+        _write_json(out_dir / HISTORY_FILE, state.history)
     return result
+
+
+def _pass_initial_model(core, model_cfg, vocab_size, n_classes, cfg, stage, out_dir, log):
+    """``epochs: 0``: the stage trains nothing and its ``model.pt`` is the model it started from
+    (its initialisation, or ``init``), so that the next stage starts where it would have."""
+    logger.info("%s: 0 epochs; model.pt is the initial model, untrained", stage)
+    _save_model(core, model_cfg, vocab_size, n_classes, cfg, stage, 0, {}, out_dir)
+    log({"epoch": 0}, 0)
 
 
 def _track_best(state, metrics, core, model_cfg, vocab_size, n_classes, cfg, stage, out_dir):
@@ -718,15 +729,12 @@ def _stage_metrics(state: RunState) -> dict[str, float]:
     best = next((h for h in state.history if h["epoch"] == state.best_epoch), None)
     last = state.history[-1] if state.history else {}
     result = {k: v for k, v in (best or last).items() if k.startswith("val_")}
-    result.update(
-        best_epoch=(best or last).get("epoch", 0),
-        epochs=state.epoch,
-        steps=state.step,
-        train_samples_per_s=float(np.mean([h["train_samples_per_s"] for h in state.history]))
-        if state.history
-        else 0.0,
-        train_loss=last.get("train_loss", float("nan")),
-    )
+    result.update(best_epoch=(best or last).get("epoch", 0), epochs=state.epoch, steps=state.step)
+    if state.history:  # a stage of 0 epochs has no training figures (and no NaN in its JSON)
+        result.update(
+            train_samples_per_s=float(np.mean([h["train_samples_per_s"] for h in state.history])),
+            train_loss=last.get("train_loss", float("nan")),
+        )
     return result
 
 
