@@ -108,12 +108,13 @@ def epoch_line(stage: str, record: TrainRecord, epochs: int | None) -> str:
 
 
 def tail(path: Path, n: int = TAIL_LINES) -> list[str]:
-    """The last ``n`` lines of ``path`` that say something (not blank, not a rule of dashes)."""
+    """The last ``n`` lines of ``path`` that say something: not blank, not a rule of dashes, not
+    the carets under a traceback's line."""
     last: deque[str] = deque(maxlen=n)
     with Path(path).open(encoding="utf-8", errors="replace") as file:
         for line in file:
             line = line.rstrip()
-            if line.strip(" -"):
+            if line.strip(" -^~"):
                 last.append(line)
     return list(last)
 
