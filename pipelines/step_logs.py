@@ -14,7 +14,9 @@ The step boundaries come from wrapping two functions of ``kfp.local`` for the du
 rather than from the text of its log: ``task_executor.execute_single_task`` (one call per DAG task,
 cache hits included) and ``task_dispatcher.run_single_task_implementation`` (one call per
 execution of a task, in which its subprocess runs). Both are internal to kfp, which
-requirements.lock pins; tests/pipeline/test_console.py runs a real pipeline through them.
+requirements.lock pins; tests/pipeline/test_console.py runs a real pipeline through them. One step
+runs at a time (the imtext DAG is a chain): steps run side by side, as a ``dsl.ParallelFor`` would,
+would mix their logs.
 """
 
 from __future__ import annotations

@@ -19,9 +19,12 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from imtext.errors import ConfigError, ImtextError
+
+if TYPE_CHECKING:
+    from imtext.console import Console
 
 log = logging.getLogger("imtext")
 
@@ -258,7 +261,7 @@ def _run_local(args: argparse.Namespace) -> None:
     print("\n" + "\n".join(next_steps(result.report, ui_command(tracking_uri))))
 
 
-def _console(params: dict[str, Any]) -> Any:
+def _console(params: dict[str, Any]) -> Console:
     """The concise view of a local run: a line per step, a bar per training epoch."""
     from imtext.console import TRAINING_STEPS, Console
 
@@ -376,10 +379,13 @@ def add_pipeline_parser(sub: argparse._SubParsersAction) -> None:
         help="run the whole pipeline here with KFP's local runner",
         description=(
             "Run every step of the pipeline in a subprocess of this Python environment (KFP's "
-            "SubprocessRunner; no cluster, no container), and print the recall table, the report, "
-            "the registered version and the promotion decision. Step outputs go to OUT/imtext-"
-            "<time>/<step>/. MLflow: --tracking-uri, else register.tracking_uri, else "
-            "$MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the current directory."
+            "SubprocessRunner; no cluster, no container): a line as each step starts and ends, "
+            "one per training epoch (a progress bar on a terminal), then the recall table, the "
+            "report, the registered version, the promotion decision and what to try next. Step "
+            "outputs go to OUT/imtext-<time>/<step>/, each step's whole log to <step>/<step>.log "
+            "there (--verbose prints it instead). MLflow: --tracking-uri, else "
+            "register.tracking_uri, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the "
+            "current directory."
         ),
     )
     p.add_argument(
