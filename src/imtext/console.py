@@ -189,13 +189,14 @@ class Console:
             return
         self._close_bar()
         self._print("    " + epoch_line(step, record, self.epochs.get(step)))
-        if self._epoch_start and self._epoch_length is None:
+        if self._epoch_length is None:  # the loop did not announce it: the last epoch's
             self._epoch_length = record.step - self._epoch_start
         self._epoch_start = record.step
         if record.epoch < self.epochs.get(step, 0):
             self._open_bar(step, record.epoch + 1)
 
     def step_finished(self, step: str, outcome: str, seconds: float, log: Path | None) -> None:
+        """``outcome``: succeeded, failed or cached (``pipelines.step_logs``)."""
         self._close_bar()
         if log is not None:
             self.logs[step] = log
@@ -225,7 +226,7 @@ class Console:
 
     def _print_failure(self, log: Path | None) -> None:
         if log is None or not log.is_file():
-            self._print("    (it wrote no log)")
+            self._print("    (no log: it failed before its subprocess started)")
             return
         lines = tail(log)
         self._print(f"    its log: {log}; the last {len(lines)} lines:")
@@ -248,6 +249,7 @@ class Console:
             file=self.out,
             leave=False,
             dynamic_ncols=True,
+            mininterval=0,  # it hears of a step only every 20 (LOG_EVERY): show each one
         )
 
     def _advance(self, step: str, record: TrainRecord) -> None:

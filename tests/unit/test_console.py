@@ -163,6 +163,15 @@ def test_on_a_terminal_each_epoch_has_a_bar_that_gives_way_to_its_line(tmp_path)
     assert console.log_pattern() == str(tmp_path / "<step>" / "<step>.log")
 
 
+def test_without_the_loops_announcement_the_first_epoch_gives_the_bars_length():
+    out = io.StringIO()
+    console = Console(out, epochs={"finetune": 3}, bars=True, clock=clock)
+    console.step_started("finetune")
+    for record in [{**EPOCH, "step": 6, "epoch": 1}, {"stage": "finetune", "step": 9}]:
+        console.step_output("finetune", json.dumps(record))
+    assert "finetune epoch 2/3:  50%" in out.getvalue()  # step 3 of 6
+
+
 def test_a_cached_step_and_a_skipped_one_say_so():
     out = io.StringIO()
     console = Console(out, bars=False, clock=clock)
