@@ -37,7 +37,7 @@ from kfp.local.orchestrator import task_executor
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
-SUCCEEDED, FAILED, CACHED = "succeeded", "failed", "cached"
+SUCCEEDED, FAILED, CACHED, INTERRUPTED = "succeeded", "failed", "cached", "interrupted"
 
 
 class StepEvents(Protocol):
@@ -49,8 +49,8 @@ class StepEvents(Protocol):
         """One line (without its newline) of the step's log, as it is written."""
 
     def step_finished(self, step: str, outcome: str, seconds: float, log: Path | None) -> None:
-        """``outcome`` is SUCCEEDED, FAILED or CACHED; ``log`` is None when the step did not
-        execute in this run (a cache hit)."""
+        """``outcome`` is SUCCEEDED, FAILED, CACHED or INTERRUPTED (Ctrl-C); ``log`` is None when
+        the step did not execute in this run (a cache hit)."""
 
     def message(self, text: str) -> None:
         """A warning or error of the runner outside any step."""
@@ -104,6 +104,9 @@ class _Router:
             elif task_status == status.Status.SUCCESS:
                 outcome = SUCCEEDED
             return outputs, task_status
+        except KeyboardInterrupt:
+            outcome = INTERRUPTED
+            raise
         finally:
             self.step = None
             if outcome == FAILED:

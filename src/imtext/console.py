@@ -196,13 +196,15 @@ class Console:
             self._open_bar(step, record.epoch + 1)
 
     def step_finished(self, step: str, outcome: str, seconds: float, log: Path | None) -> None:
-        """``outcome``: succeeded, failed or cached (``pipelines.step_logs``)."""
+        """``outcome``: succeeded, failed, cached or interrupted (``pipelines.step_logs``)."""
         self._close_bar()
         if log is not None:
             self.logs[step] = log
         stamp = f"[{self.clock('%H:%M:%S')}] {step:<{_WIDTH}}"
         if outcome == "cached":
             self._print(f"{stamp}cached: the outputs of an earlier run")
+        elif outcome == "interrupted":
+            self._print(f"{stamp}interrupted after {format_seconds(seconds)}; its log: {log}")
         elif outcome == "failed":
             self._print(f"{stamp}FAILED after {format_seconds(seconds)}")
             self._print_failure(log)

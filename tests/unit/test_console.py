@@ -172,14 +172,16 @@ def test_without_the_loops_announcement_the_first_epoch_gives_the_bars_length():
     assert "finetune epoch 2/3:  50%" in out.getvalue()  # step 3 of 6
 
 
-def test_a_cached_step_and_a_skipped_one_say_so():
+def test_a_cached_step_a_skipped_one_and_an_interrupted_one_say_so(tmp_path):
     out = io.StringIO()
     console = Console(out, bars=False, clock=clock)
     console.step_started("pretrain")
     console.step_finished("pretrain", "cached", 0.01, None)
     console.step_skipped("promote", "by the gate")
+    console.step_finished("export", "interrupted", 61, tmp_path / "export.log")
     assert out.getvalue().splitlines()[1:] == [
         "[10:00:00] pretrain cached: the outputs of an earlier run",
         "[10:00:00] promote  skipped: by the gate",
+        f"[10:00:00] export   interrupted after 1m01s; its log: {tmp_path / 'export.log'}",
     ]
-    assert console.log_pattern() is None
+    assert console.log_pattern() == str(tmp_path.parent / "<step>" / "<step>.log")

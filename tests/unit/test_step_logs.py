@@ -13,7 +13,7 @@ import pytest
 from kfp.local import status, task_dispatcher
 from kfp.local.orchestrator import task_executor
 
-from pipelines.step_logs import CACHED, FAILED, SUCCEEDED, captured_steps
+from pipelines.step_logs import CACHED, FAILED, INTERRUPTED, SUCCEEDED, captured_steps
 
 RUN = "imtext-2026-11-30-10-00-00-000000"
 
@@ -97,6 +97,19 @@ def test_each_steps_output_goes_to_its_log_and_to_the_events_line_by_line(tmp_pa
     # A cache hit executes nothing: no directory in this run, no log, and no text on the console.
     assert events.seen[-2:] == [("started", "evaluate"), ("finished", "evaluate", CACHED, None)]
     assert not (tmp_path / RUN / "evaluate").exists()
+
+
+def test_ctrl_c_in_a_step_is_an_interruption_not_a_failure(tmp_path, fakes, monkeypatch):
+    def interrupted(pipeline_resource_name, component_name, pipeline_root, **_ignored):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(task_dispatcher, "run_single_task_implementation", interrupted)
+    events = Events()
+    with pytest.raises(KeyboardInterrupt), captured_steps(events) as failed:
+        run_task(tmp_path, "pretrain")
+    log = tmp_path / RUN / "pretrain" / "pretrain.log"
+    assert events.seen[-1] == ("finished", "pretrain", INTERRUPTED, log)
+    assert failed == {}
 
 
 def test_the_runners_warnings_outside_steps_reach_the_events_and_its_chatter_does_not(fakes):
