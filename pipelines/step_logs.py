@@ -99,10 +99,9 @@ class _Router:
         outcome = FAILED
         try:
             outputs, task_status = original(*args, **kwargs)
-            if step.log is None:
-                outcome = CACHED
-            elif task_status == status.Status.SUCCESS:
-                outcome = SUCCEEDED
+            if task_status == status.Status.SUCCESS:
+                # Only a cache hit succeeds without executing (and so without a log).
+                outcome = CACHED if step.log is None else SUCCEEDED
             return outputs, task_status
         except KeyboardInterrupt:
             outcome = INTERRUPTED
