@@ -27,8 +27,10 @@ from typing import Any, TextIO
 
 #: Steps whose output carries training progress.
 TRAINING_STEPS = ("pretrain", "finetune")
-#: Lines of a failed step's log shown on the console.
+#: Lines of a failed step's log shown on the console, and the characters shown of each (a JSON
+#: record of the executor or of training can run to thousands).
 TAIL_LINES = 15
+TAIL_WIDTH = 300
 #: The training loop's announcement of an epoch's length (``imtext.train.loop``).
 _STEPS_PER_EPOCH = re.compile(r"\b(\d+) steps per epoch\b")
 _WIDTH = 9  # the longest step name, "finetune", "evaluate" or "register", and a space
@@ -117,6 +119,13 @@ def tail(path: Path, n: int = TAIL_LINES) -> list[str]:
             if line.strip(" -^~"):
                 last.append(line)
     return list(last)
+
+
+def shorten(line: str, width: int = TAIL_WIDTH) -> str:
+    """``line``, cut to ``width`` characters with a note of how many more there were."""
+    if len(line) <= width:
+        return line
+    return f"{line[:width]} ... ({len(line) - width} more characters)"
 
 
 def open_command(path: Path, system: str | None = None, which=shutil.which) -> str:
@@ -233,7 +242,7 @@ class Console:
         lines = tail(log)
         self._print(f"    its log: {log}; the last {len(lines)} lines:")
         for line in lines:
-            self._print(f"    | {line}")
+            self._print(f"    | {shorten(line)}")
 
     def _print(self, line: str) -> None:
         print(line, file=self.out, flush=True)

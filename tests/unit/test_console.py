@@ -14,6 +14,7 @@ from imtext.console import (
     next_steps,
     open_command,
     parse_train_record,
+    shorten,
     steps_per_epoch,
     tail,
 )
@@ -82,6 +83,11 @@ def test_tail_keeps_the_last_lines_that_say_something(tmp_path):
     body = [f"line {i}" for i in range(30)]
     log.write_text("\n".join([*body, "    ^^^^^^^", "", "-" * 80, "   "]) + "\n")
     assert tail(log, 3) == ["line 27", "line 28", "line 29"]
+
+
+def test_a_long_line_of_a_failed_steps_log_is_cut_with_a_note():
+    assert shorten("x" * 10, 10) == "x" * 10
+    assert shorten("x" * 25, 10) == "x" * 10 + " ... (15 more characters)"
 
 
 def test_the_report_opens_with_the_machines_own_command(tmp_path):
