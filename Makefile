@@ -5,7 +5,7 @@ BIN := $(abspath $(VENV))/bin
 STAMP := $(VENV)/.installed
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install run repro data test test-fast format clean image deploy
+.PHONY: install run ui repro data test test-fast format clean image deploy
 
 install: $(STAMP)
 
@@ -30,6 +30,12 @@ data: install
 # export -> register -> (gate) promote, MLflow in ./mlflow.db. `make repro` runs the DVC stages.
 run: data
 	imtext pipeline run --data data/shapes --out artifacts/kfp
+
+# MLflow's UI on the store `make run` logged to (sqlite:///mlflow.db, ./mlartifacts), on
+# 127.0.0.1:$(UI_PORT); it prints the address of the latest run. Ctrl-C stops it.
+UI_PORT ?= 5000
+ui: install
+	imtext ui --port $(UI_PORT)
 
 repro: data
 	dvc repro

@@ -6,6 +6,7 @@ has imtext installed stands in for the project image) and writes its outputs und
 :mod:`pipelines.cluster`, which the local runner cannot apply.
 """
 
+import contextlib
 import json
 import re
 import warnings
@@ -17,6 +18,7 @@ from kfp import local
 
 from pipelines.errors import PipelineError
 from pipelines.imtext_pipeline import PIPELINE_NAME, build_pipeline, compact_params
+from pipelines.step_logs import StepEvents, captured_steps
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -41,14 +43,23 @@ class LocalRun:
 
 
 def run_local(
-    arguments: dict[str, Any], pipeline_root: Path, *, params: str, cache: bool = False
+    arguments: dict[str, Any],
+    pipeline_root: Path,
+    *,
+    params: str,
+    cache: bool = False,
+    events: StepEvents | None = None,
 ) -> LocalRun:
     """Run the pipeline with ``arguments`` (its parameters by name) and wait for it.
 
     ``params`` (params.yaml text) is also the default of the ``params`` argument. With ``cache``,
     a step whose component, arguments and input artifacts match an earlier run under
-    ``pipeline_root`` reuses that run's outputs (``register`` and ``promote`` always run). Raises
-    :class:`PipelineError` naming the failed step; the step's log is on stdout above it.
+    ``pipeline_root`` reuses that run's outputs (``register`` and ``promote`` always run).
+
+    Without ``events`` the runner's whole log goes to stdout, as KFP prints it. With ``events``,
+    each step's log goes to ``<step>/<step>.log`` in its output directory and ``events`` hears of
+    each step and each line (:mod:`pipelines.step_logs`). Raises :class:`PipelineError` naming
+    the failed step and, when captured, its log file.
     """
     pipeline_root = Path(pipeline_root).resolve()
     local.init(
@@ -68,16 +79,15 @@ def run_local(
         warnings.filterwarnings(
             "ignore", message=".*non-Python base image", category=RuntimeWarning
         )
+        failed: dict[str, Path | None] = {}
         try:
-            task = pipeline(**arguments)
+            with captured_steps(events) if events else contextlib.nullcontext({}) as failed:
+                task = pipeline(**arguments)
         except RuntimeError as exc:
             message = _ANSI.sub("", str(exc))
             if not message.startswith("Pipeline "):
                 raise
-            raise PipelineError(
-                f"the local pipeline run failed: {message} Its log is above; outputs are under "
-                f"{pipeline_root}"
-            ) from None
+            raise PipelineError(_failure(message, failed, pipeline_root)) from None
     outputs = task.outputs
     evaluation = Path(outputs["evaluation"].path)
     # Cached steps' artifacts live in the run that made them, so this run's directory is the one
@@ -93,6 +103,17 @@ def run_local(
         beats_champion=bool(outputs["beats_champion"]),
         gate=str(outputs["gate"]),
         promotion=_step_outputs(run_dir, "promote"),
+    )
+
+
+def _failure(message: str, failed: dict[str, Path | None], pipeline_root: Path) -> str:
+    """What went wrong, in one line: the step and its log file when the logs were captured."""
+    logs = [f"step {step!r} failed; its log: {log}" for step, log in failed.items() if log]
+    if logs:
+        return f"the local pipeline run failed: {'; '.join(logs)}"
+    return (
+        f"the local pipeline run failed: {message} Its log is above; outputs are under "
+        f"{pipeline_root}"
     )
 
 

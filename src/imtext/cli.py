@@ -476,6 +476,32 @@ def _run_plots(args: argparse.Namespace) -> None:
     log.info("plots: %s", show_plots(args.out, args.targets))
 
 
+def _add_ui(sub: argparse._SubParsersAction) -> None:
+    from imtext.ui import DEFAULT_PORT
+
+    p = sub.add_parser(
+        "ui",
+        help="MLflow's UI on the local store `make run` logged to (`make ui`)",
+        description=(
+            "Start `mlflow server` on the embedded store (sqlite:///mlflow.db, artifacts in "
+            "./mlartifacts, unless --tracking-uri, register.tracking_uri or $MLFLOW_TRACKING_URI "
+            "name another SQLite store) on 127.0.0.1 and print the address of the latest run; "
+            "Ctrl-C stops it. For a tracking server (http://...), print the address only. "
+            "`imtext plots` shows the DVC plots."
+        ),
+    )
+    _params_arg(p)
+    _tracking_arg(p)
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="(default: %(default)s)")
+    p.set_defaults(func=_run_ui)
+
+
+def _run_ui(args: argparse.Namespace) -> None:
+    from imtext.ui import serve, store_uri
+
+    serve(store_uri(args.params, args.tracking_uri), args.port)
+
+
 def _add_ablate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "ablate",
@@ -578,6 +604,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_register(sub)
     _add_promote(sub)
     _add_plots(sub)
+    _add_ui(sub)
     _add_ablate(sub)
     add_pipeline_parser(sub)
     return parser

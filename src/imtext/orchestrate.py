@@ -19,9 +19,12 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from imtext.errors import ConfigError, ImtextError
+
+if TYPE_CHECKING:
+    from imtext.console import Console
 
 log = logging.getLogger("imtext")
 
@@ -197,8 +200,10 @@ def _run_compile(args: argparse.Namespace) -> None:
 
 def _run_local(args: argparse.Namespace) -> None:
     from imtext.config import stage_config_from_params
+    from imtext.console import next_steps
     from imtext.data.remote import is_s3
     from imtext.registry import resolve_tracking_uri
+    from imtext.ui import ui_command
 
     run_module = _module(args.repo, "run_local")
     params_text, params = _checked_params(_params_file(args), args.overrides)
@@ -222,16 +227,25 @@ def _run_local(args: argparse.Namespace) -> None:
         "model_name": args.model_name,
         "device": args.device,
     }
+    console = None if args.verbose else _console(params)
     result = _pipeline_errors(
-        run_module.run_local, arguments, args.out, params=params_text, cache=args.cache
+        run_module.run_local,
+        arguments,
+        args.out,
+        params=params_text,
+        cache=args.cache,
+        events=console,
     )
 
     cfg = stage_config_from_params("register", params)
+    tracking_uri = resolve_tracking_uri(cfg, args.tracking_uri or None)
+    if console is not None and result.promotion is None:
+        console.step_skipped("promote", "by the gate in register (see promotion below)")
     print(f"\nrecall on the {params['evaluate']['split']} split:\n{result.recall_table.rstrip()}")
     print(f"report: {result.report}")
     print(
         f"registered: {args.model_name or cfg.model_name} version {result.model_version} "
-        f"(MLflow {resolve_tracking_uri(cfg, args.tracking_uri or None)})"
+        f"(MLflow {tracking_uri})"
     )
     if result.promotion is None:
         print(f"promotion: skipped by the gate: {result.gate}")
@@ -242,6 +256,22 @@ def _run_local(args: argparse.Namespace) -> None:
         )
     else:
         print(f"promotion: refused: {result.promotion['decision']}")
+    if console is not None and console.log_pattern():
+        print(f"step logs: {console.log_pattern()} (--verbose prints them instead)")
+    print("\n" + "\n".join(next_steps(result.report, ui_command(tracking_uri))))
+
+
+def _console(params: dict[str, Any]) -> Console:
+    """The concise view of a local run: a line per step, a bar per training epoch."""
+    from imtext.console import TRAINING_STEPS, Console
+
+    epochs = {stage: params[stage]["epochs"] for stage in TRAINING_STEPS}
+    console = Console(epochs=epochs)
+    console.message(
+        "KFP local run: prepare -> pretrain -> finetune -> evaluate -> export -> register "
+        "-> promote"
+    )
+    return console
 
 
 # --- submit ---------------------------------------------------------------------------------
@@ -349,10 +379,13 @@ def add_pipeline_parser(sub: argparse._SubParsersAction) -> None:
         help="run the whole pipeline here with KFP's local runner",
         description=(
             "Run every step of the pipeline in a subprocess of this Python environment (KFP's "
-            "SubprocessRunner; no cluster, no container), and print the recall table, the report, "
-            "the registered version and the promotion decision. Step outputs go to OUT/imtext-"
-            "<time>/<step>/. MLflow: --tracking-uri, else register.tracking_uri, else "
-            "$MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the current directory."
+            "SubprocessRunner; no cluster, no container): a line as each step starts and ends, "
+            "one per training epoch (a progress bar on a terminal), then the recall table, the "
+            "report, the registered version, the promotion decision and what to try next. Step "
+            "outputs go to OUT/imtext-<time>/<step>/, each step's whole log to <step>/<step>.log "
+            "there (--verbose prints it instead). MLflow: --tracking-uri, else "
+            "register.tracking_uri, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the "
+            "current directory."
         ),
     )
     p.add_argument(
@@ -405,6 +438,13 @@ def add_pipeline_parser(sub: argparse._SubParsersAction) -> None:
         "--device",
         default="auto",
         help="auto (CUDA when available), cpu, cuda or cuda:N (default: %(default)s)",
+    )
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="print the local runner's whole log (each step's executor input and output, every "
+        "line of its output) instead of a line per step; without it, each step's log goes to "
+        "OUT/imtext-<time>/<step>/<step>.log",
     )
     _common(p)
     p.set_defaults(func=_run_local)
