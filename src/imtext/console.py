@@ -97,7 +97,10 @@ def format_seconds(seconds: float) -> str:
 
 
 def epoch_line(stage: str, record: TrainRecord, epochs: int | None) -> str:
-    """The line an epoch ends with: loss, throughput and validation rsum."""
+    """The line an epoch ends with: loss, throughput and validation rsum. Epoch 0 is the report
+    of a stage configured with ``epochs: 0`` (Stage I off by default): it trained nothing."""
+    if record.epoch == 0:
+        return f"{stage}: 0 epochs, nothing trained; the initial model is passed on"
     of = f"/{epochs}" if epochs else ""
     parts = [f"{stage} epoch {record.epoch}{of}"]
     if record.loss is not None:

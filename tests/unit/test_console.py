@@ -78,6 +78,14 @@ def test_an_epoch_ends_with_loss_throughput_and_validation_rsum():
     )
 
 
+def test_a_stage_of_zero_epochs_says_it_trained_nothing():
+    # What train_stage logs for ``epochs: 0`` (params.yaml's Stage I): {"epoch": 0} at step 0.
+    record = parse_train_record(json.dumps({"stage": "pretrain", "step": 0, "epoch": 0}))
+    assert epoch_line("pretrain", record, 0) == (
+        "pretrain: 0 epochs, nothing trained; the initial model is passed on"
+    )
+
+
 def test_tail_keeps_the_last_lines_that_say_something(tmp_path):
     log = tmp_path / "prepare.log"
     body = [f"line {i}" for i in range(30)]
