@@ -158,11 +158,16 @@ def karpathy_prepared(karpathy_dir: Path, tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_prepared(tmp_path_factory) -> Path:
     """The built-in dataset at 72 images of 32 px (train 48, val 12, test 12), prepared."""
+    return prepared_shapes(tmp_path_factory.mktemp("tiny"), n_images=72, seed=3, size=32)
+
+
+def prepared_shapes(root: Path, n_images: int, seed: int, size: int) -> Path:
+    """The built-in dataset rendered into ``root/shapes`` and prepared into ``root/prepared``
+    with the default settings; returns the prepared directory."""
     from imtext.data.prepare import prepare
     from imtext.data.shapes import generate_shapes
 
-    root = tmp_path_factory.mktemp("tiny")
-    generate_shapes(root / "shapes", n_images=72, seed=3, size=32)
+    generate_shapes(root / "shapes", n_images=n_images, seed=seed, size=size)
     out = root / "prepared"
     prepare(
         DEFAULT_PREPARE,

@@ -31,10 +31,10 @@ VARIANTS = {
     "cnn": {},
     "cnn_w64": {"text_width": 64},
     "cnn_b2222": {"text_blocks": [2, 2, 2, 2]},
-    "cnn_stride1": {"_strides": (1, 1, 1, 1)},
-    "cnn_stride1_b2222": {"_strides": (1, 1, 1, 1), "text_blocks": [2, 2, 2, 2]},
-    "cnn_stride1_w64": {"_strides": (1, 1, 1, 1), "text_width": 64},
-    "cnn_stride1211": {"_strides": (1, 2, 1, 1)},
+    "cnn_stride1": {"text_strides": [1, 1, 1, 1]},
+    "cnn_stride1_b2222": {"text_strides": [1, 1, 1, 1], "text_blocks": [2, 2, 2, 2]},
+    "cnn_stride1_w64": {"text_strides": [1, 1, 1, 1], "text_width": 64},
+    "cnn_stride1211": {"text_strides": [1, 2, 1, 1]},
     "cnn_masked_pool": {"_masked_pool": True},
     "cnn_no_word_bn": {"_no_word_bn": True},
     "gru": {"text_encoder": "gru"},
@@ -86,10 +86,12 @@ def run(name: str, overrides: dict, prepared: str, steps: int, seed: int) -> tup
     hacks = {k: overrides[k] for k in overrides if k.startswith("_")}
     overrides = {k: v for k, v in overrides.items() if not k.startswith("_")}
     params = read_params("params.yaml")
+    # The text CNN of the runs: width 32, the paper's strides, unless a variant says otherwise.
     model_cfg = dataclasses.replace(
-        stage_config_from_params("model", params), embedding="pre_relu", **overrides
+        stage_config_from_params("model", params),
+        embedding="pre_relu",
+        **{"text_width": 32, "text_strides": [1, 2, 2, 1], **overrides},
     )
-    text_module.STAGE_STRIDES = hacks.get("_strides", (1, 2, 2, 1))
     text_module.TextCNN.forward = (
         masked_cnn_forward if hacks.get("_masked_pool") else ORIGINAL_FORWARD
     )

@@ -12,13 +12,12 @@ import pytest
 import torch
 
 from imtext.config import read_params, stage_config_from_params
-from imtext.data.prepare import prepare
-from imtext.data.shapes import background_plateau_rsum, generate_shapes
+from imtext.data.shapes import background_plateau_rsum
 from imtext.data.store import PreparedSplit
 from imtext.eval.metrics import retrieval_metrics
 from imtext.train.loop import train_stage
 from imtext.train.scoring import retrieval_inputs
-from tests.conftest import DEFAULT_PREPARE, REPO
+from tests.conftest import REPO, prepared_shapes
 
 #: 1,440 images: 960 train, 240 val, 240 test (imtext data shapes: val = test = N // 6).
 N_IMAGES = 1440
@@ -30,17 +29,7 @@ FACTOR = 2.5
 
 @pytest.fixture(scope="module")
 def slice_prepared(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("learning")
-    generate_shapes(root / "shapes", n_images=N_IMAGES, seed=5, size=64)
-    out = root / "prepared"
-    prepare(
-        DEFAULT_PREPARE,
-        root / "shapes" / "dataset.json",
-        root / "shapes" / "images",
-        out,
-        log=lambda message: None,
-    )
-    return out
+    return prepared_shapes(tmp_path_factory.mktemp("learning"), N_IMAGES, seed=5, size=64)
 
 
 def test_background_plateau_is_the_recall_of_a_background_only_ranking():

@@ -281,8 +281,7 @@ def train_one_epoch(
     has_discriminator = core.discriminator is not None
     steps, epoch = len(loader), state.epoch
     for i, items in enumerate(_timed(loader, stats)):
-        if cfg.lr_schedule != "step" or cfg.warmup_epochs > 0:
-            set_lr(optimizer, lr_at_time(epoch + i / steps, cfg))
+        set_lr(optimizer, lr_at_time(epoch + i / steps, cfg))
         # The labels let a profiler split a step into data, mining, model and the rest.
         with record_function("imtext.mining"):
             if cfg.loss_weights[0] > 0 and cfg.ranking.startswith("paired"):
@@ -676,7 +675,6 @@ def _train_stage(stage, model_cfg, cfg, prepared, out_dir, init, resume, info, l
     result = _stage_metrics(state)
     if info.is_main:
         _write_json(out_dir / METRICS_FILE, result)
-        _write_json(out_dir / HISTORY_FILE, state.history)
     return result
 
 
@@ -685,6 +683,9 @@ def _pass_initial_model(core, model_cfg, vocab_size, n_classes, cfg, stage, out_
     (its initialisation, or ``init``), so that the next stage starts where it would have."""
     logger.info("%s: 0 epochs; model.pt is the initial model, untrained", stage)
     _save_model(core, model_cfg, vocab_size, n_classes, cfg, stage, 0, {}, out_dir)
+    # The stage's other outputs exist as after any run (dvc.yaml declares them): an empty
+    # history, and one log record, which also tells the console that nothing was trained.
+    _write_json(out_dir / HISTORY_FILE, [])
     log({"epoch": 0}, 0)
 
 
