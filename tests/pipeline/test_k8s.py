@@ -1265,6 +1265,27 @@ def test_search_app_runs_imtext_serve_on_the_champion(objects):
     init_env = env_sources(init)
     assert init_env["AWS_SECRET_ACCESS_KEY"] == (SERVING_SECRET, "AWS_SECRET_ACCESS_KEY")
     assert init_env["GALLERY"].startswith("imtext-data/datasets/")
+
+
+def test_search_app_passes_only_flags_imtext_serve_has(objects):
+    (c,) = one(objects, "Deployment", "imtext-search")["spec"]["template"]["spec"]["containers"]
     help_text = serve_help()
-    for flag in flags:
+    for flag in (a.split("=", 1)[0] for a in c["args"][1:]):
         assert flag in help_text, f"`imtext serve` has no {flag}"
+
+
+def test_the_inferenceservice_can_be_left_out_as_the_readme_says(tmp_path):
+    """k8s/README.md, "Serving": an overlay for a cluster without KServe deletes it."""
+    readme = (K8S / "README.md").read_text()
+    snippet = readme.split("A cluster without KServe")[1].split("```yaml\n")[1].split("```")[0]
+    kustomization = yaml.safe_load(snippet) | {
+        "resources": [os.path.relpath(K8S / "overlays" / "local", tmp_path)]
+    }
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    result = subprocess.run(
+        [kubectl(), "kustomize", str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    kinds = [doc["kind"] for doc in yaml.safe_load_all(result.stdout) if doc]
+    assert "InferenceService" not in kinds
+    assert len(kinds) == len(render("local")) - 1
