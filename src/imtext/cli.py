@@ -311,7 +311,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
             "OUT/vocab.json so a client can embed raw images and sentences without imtext. Both "
             "encoders are run in ONNX Runtime against PyTorch: the largest difference and the "
             "recall from either embedding go to OUT/parity.json, and the export fails when they "
-            "disagree beyond the 'export' section's tolerances. With export.quantize, INT8 "
+            "disagree beyond the 'export' section's tolerances. With export.quantize static or dynamic, INT8 "
             "encoders are written too and their recall is measured."
         ),
     )

@@ -427,6 +427,9 @@ class EvaluateConfig:
             raise ConfigError(f"report_queries: must not be negative, got {self.report_queries}")
 
 
+Quantize = Literal["static", "dynamic", "none"]
+
+
 @dataclass(frozen=True)
 class ExportConfig:
     """Settings of the ``export`` stage (a trained model -> ONNX encoders, verified)."""
@@ -439,10 +442,19 @@ class ExportConfig:
     recall_split: Literal["val", "test"]
     #: Largest allowed difference in rsum (recall points) between ONNX and PyTorch embeddings.
     recall_tolerance: float
-    #: Also write INT8 dynamically quantized encoders and measure their recall.
-    quantize: bool
+    #: INT8 encoders next to the float32 ones, their recall measured: ``static`` (QDQ, weights
+    #: per channel, activation ranges calibrated on ``calibration_images`` training images and
+    #: captions), ``dynamic`` (activation ranges computed at every call: slower than float32 on
+    #: the CPU, bench/README.md) or ``none``.
+    quantize: Quantize
+    #: Training images (and as many captions) whose activations set the ranges of ``static``.
+    calibration_images: int
 
     def __post_init__(self) -> None:
+        if self.calibration_images < 1:
+            raise ConfigError(
+                f"calibration_images: must be at least 1, got {self.calibration_images}"
+            )
         if self.opset < 18:
             raise ConfigError(
                 f"opset: must be at least 18 (the oldest torch.onnx's exporter writes), got "

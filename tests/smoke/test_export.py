@@ -23,7 +23,12 @@ from imtext.export.runtime import InputError, OnnxEncoders
 from imtext.train.checkpoint import load_model
 
 CFG = ExportConfig(
-    opset=18, parity_tolerance=1e-4, recall_split="test", recall_tolerance=0.5, quantize=True
+    opset=18,
+    parity_tolerance=1e-4,
+    recall_split="test",
+    recall_tolerance=0.5,
+    quantize="static",
+    calibration_images=16,
 )
 ONNX_FILES = {
     "image_encoder.onnx",
@@ -156,7 +161,7 @@ def test_a_failed_parity_check_stops_the_export_and_keeps_only_the_evidence(
 
     monkeypatch.setattr(exporter, "torch_runner", perturbed_runner)
     out = tmp_path / "export"
-    cfg = ExportConfig(18, 1e-4, "test", 0.5, quantize=False)
+    cfg = ExportConfig(18, 1e-4, "test", 0.5, quantize="none", calibration_images=1)
     with pytest.raises(ImtextError, match=r"image encoder: max \|ONNX Runtime - PyTorch\| 0\.001"):
         export(cfg, tiny_model_file, tiny_prepared, out)
     assert sorted(path.name for path in out.iterdir()) == [MARKER, "parity.json"]
@@ -180,7 +185,7 @@ def test_a_recall_disagreement_stops_the_export(
 
     monkeypatch.setattr(exporter, "torch_runner", shuffled_runner)
     cfg = ExportConfig(18, parity_tolerance=10.0, recall_split="test", recall_tolerance=0.0,
-                       quantize=False)  # fmt: skip
+                       quantize="none", calibration_images=1)  # fmt: skip
     with pytest.raises(ImtextError, match="recall: rsum from ONNX embeddings .* differs by"):
         export(cfg, tiny_model_file, tiny_prepared, tmp_path / "export")
 
@@ -215,7 +220,7 @@ def test_the_similarity_network_exports_codes_and_its_pair_scorer(
 ):
     from imtext.train.scoring import score_split
 
-    cfg = ExportConfig(**{**CFG.__dict__, "quantize": False})
+    cfg = ExportConfig(**{**CFG.__dict__, "quantize": "none"})
     out = tmp_path / "export"
     messages: list[str] = []
     metrics = export(cfg, similarity_model_file, tiny_prepared, out, log=messages.append)
@@ -282,7 +287,7 @@ def gru_model_file(tiny_prepared: Path, tmp_path_factory) -> Path:
 def test_the_gru_text_encoder_exports_with_the_same_contract_and_checks(
     gru_model_file, tiny_prepared, test_split, tmp_path
 ):
-    cfg = ExportConfig(**{**CFG.__dict__, "quantize": False})
+    cfg = ExportConfig(**{**CFG.__dict__, "quantize": "none"})
     out = tmp_path / "export"
     messages: list[str] = []
     metrics = export(cfg, gru_model_file, tiny_prepared, out, log=messages.append)
