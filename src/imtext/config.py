@@ -428,12 +428,17 @@ class EvaluateConfig:
 
 
 Quantize = Literal["static", "dynamic", "none"]
+Exporter = Literal["torchscript", "dynamo"]
 
 
 @dataclass(frozen=True)
 class ExportConfig:
     """Settings of the ``export`` stage (a trained model -> ONNX encoders, verified)."""
 
+    #: ``torch.onnx.export``'s exporter: ``torchscript`` (``dynamo=False``: about 20x faster to
+    #: export and as exact; deprecated by PyTorch) or ``dynamo`` (torch.export). bench_export.py
+    #: compares them.
+    exporter: Exporter
     #: ONNX opset of both encoders.
     opset: int
     #: Largest allowed |ONNX Runtime - PyTorch| over every embedding value of the parity batch.
