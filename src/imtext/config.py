@@ -435,8 +435,8 @@ Exporter = Literal["torchscript", "dynamo"]
 class ExportConfig:
     """Settings of the ``export`` stage (a trained model -> ONNX encoders, verified)."""
 
-    #: ``torch.onnx.export``'s exporter: ``torchscript`` (``dynamo=False``: about 20x faster to
-    #: export and as exact; deprecated by PyTorch) or ``dynamo`` (torch.export). bench_export.py
+    #: ``torch.onnx.export``'s exporter: ``torchscript`` (``dynamo=False``: 12-19x faster to
+    #: export, the same checks passed; deprecated by PyTorch) or ``dynamo`` (torch.export). bench_export.py
     #: compares them.
     exporter: Exporter
     #: ONNX opset of both encoders.

@@ -322,7 +322,6 @@ def gru_model_file(tiny_prepared: Path, tmp_path_factory) -> Path:
     return path
 
 
-@pytest.mark.slow  # torch.export unrolls the GRU over the 32 positions: a minute or two
 def test_the_gru_text_encoder_exports_with_the_same_contract_and_checks(
     gru_model_file, tiny_prepared, test_split, tmp_path
 ):

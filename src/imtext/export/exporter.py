@@ -47,7 +47,7 @@ A failed check 1-3 replaces the output directory with one holding only ``parity.
 unverified encoder can be served or registered) and raises :class:`~imtext.errors.ImtextError`.
 
 Exporter (``export.exporter``): ``torchscript`` (``torch.onnx.export(dynamo=False)``) by default:
-on the default model it writes the three files about 20x faster than ``dynamo`` (torch.export,
+on the default model it writes the three files 12-19x faster than ``dynamo`` (torch.export,
 which traces and optimises the whole program), and both pass every check above with the same
 differences (``bench/README.md``). PyTorch deprecates the TorchScript exporter, so ``dynamo`` stays
 one setting away and is tested too. Both write opset 18 and newer here; a lower ``export.opset``
