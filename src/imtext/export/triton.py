@@ -152,7 +152,7 @@ def write_triton_repository(
 ) -> dict[str, Path]:
     """Write the Triton repository of the verified ``export_dir`` to ``out_dir`` (replaced only if
     new, empty or imtext's own; see the module docstring for the layout). ``int8`` serves the
-    dynamically quantized encoders. Returns each model's directory by name."""
+    INT8 encoders (``export.quantize``: static or dynamic). Returns each model's directory by name."""
     export_dir, out_dir = Path(export_dir), Path(out_dir)
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise ImtextError(f"version: Triton versions are positive integers, got {version!r}")
@@ -170,7 +170,7 @@ def write_triton_repository(
             "to serve here: serve it with imtext serve"
         )
     if int8 and not spec.int8:
-        raise ImtextError(f"{export_dir}: no INT8 encoders; export with export.quantize: true")
+        raise ImtextError(f"{export_dir}: no INT8 encoders; export with export.quantize: static")
     size = spec.image.size
     models = {
         TEXT_MODEL: (
