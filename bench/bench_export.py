@@ -74,6 +74,7 @@ from imtext.export.runtime import (
     make_session,
     run_encoder,
 )
+from imtext.train.checkpoint import load_model
 
 REPO = Path(__file__).resolve().parents[1]
 #: CPU flags that ONNX Runtime's INT8 kernels use (``/proc/cpuinfo`` names).
@@ -193,7 +194,7 @@ def measure_variants(
     export_dir: Path, model_path: Path, split: PreparedSplit, args: argparse.Namespace
 ) -> tuple[list[tuple], dict[str, float]]:
     """Latency rows (encoder, batch, {runner: ms}) and the test rsum of each runner."""
-    model, _ = load_model_only(model_path)
+    model, _ = load_model(model_path, "cpu")
     # Verified above (compare_exporters); this directory has no parity.json of its own.
     encoders = OnnxEncoders.load(export_dir, providers=[CPU], threads=args.threads, verified=False)
     images = np.concatenate([reference for reference, _ in image_batches(split, encoders)])
@@ -235,12 +236,6 @@ def measure_variants(
                 runners[variant] = lambda s=by_kind[kind], n=name, x=x: run_encoder(s, n, x)
             rows.append((kind, batch, median_ms(runners, args.warmup, args.repeats, args.rounds)))
     return rows, rsum
-
-
-def load_model_only(model_path: Path):
-    from imtext.train.checkpoint import load_model
-
-    return load_model(model_path, "cpu")
 
 
 def smoke_inputs(root: Path, params: Path) -> tuple[Path, Path]:
@@ -337,7 +332,7 @@ def main() -> None:
         quantize_s = write_int8_variants(root / cfg.exporter, prepared, calibration)
         split = PreparedSplit.load(prepared, cfg.recall_split)
         rows, rsum = measure_variants(root / cfg.exporter, model_path, split, args)
-        model_cfg = load_model_only(model_path)[1]["model_config"]
+        model_cfg = load_model(model_path, "cpu")[1]["model_config"]
     heading = (
         f"{model_path}: {model_cfg['image_backbone']} at {model_cfg['image_size']} px, embed "
         f"{model_cfg['embed_dim']}, text {model_cfg['text_encoder']}; {cfg.recall_split} split "

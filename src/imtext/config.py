@@ -452,7 +452,8 @@ class ExportConfig:
     #: captions), ``dynamic`` (activation ranges computed at every call: slower than float32 on
     #: the CPU, bench/README.md) or ``none``.
     quantize: Quantize
-    #: Training images (and as many captions) whose activations set the ranges of ``static``.
+    #: Training images (and as many captions), spread over the split, whose activations set the
+    #: ranges of ``static`` (every one when the split holds fewer).
     calibration_images: int
 
     def __post_init__(self) -> None:

@@ -224,6 +224,12 @@ def test_static_int8_is_calibrated_qdq_and_recorded(exported):
     assert not [path.name for path in out.iterdir() if path.suffix in (".in", ".pre")]
 
 
+def test_calibration_rows_are_spread_over_the_split_and_never_repeat():
+    assert exporter.evenly_spaced(3, 10).tolist() == [0, 4, 9]
+    assert exporter.evenly_spaced(20, 5).tolist() == [0, 1, 2, 3, 4]
+    assert exporter.evenly_spaced(1, 7).tolist() == [0]
+
+
 def test_dynamic_int8_quantizes_the_weights_and_each_call(exported, tmp_path):
     out, _ = exported
     exporter.quantize_dynamic_encoder(out / "image_encoder.onnx", tmp_path / "dynamic.onnx")
