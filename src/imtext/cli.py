@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -574,6 +575,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 def _run_serve(args: argparse.Namespace) -> None:
     # FAISS reports at INFO which of its builds it tried; only its failures matter here.
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    # MLflow draws a progress bar per downloaded file, which floods a server's log.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import dataclasses
     import time
 

@@ -58,6 +58,9 @@ def run_server(service: Service, cfg: ServeConfig, host: str, port: int) -> None
     log.info("listening on http://%s:%d (search page at /, readiness at /readyz)", host, port)
     try:
         server.run(sockets=[sock])
+    except KeyboardInterrupt:
+        # uvicorn shut down gracefully on Ctrl-C / SIGTERM, then re-raised the signal.
+        log.info("stopped")
     finally:
         service.stop()
         sock.close()
