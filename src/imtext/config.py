@@ -501,7 +501,7 @@ class ServeConfig:
     #: ``exact`` (FAISS flat inner product), ``ivf`` (inverted lists, flat within a list) or
     #: ``hnsw`` (graph); the approximate two are for galleries of 100K and more (bench/README.md).
     index: IndexKind
-    #: Inverted lists of ``ivf``; ``null``: 4 x sqrt(gallery size), at most gallery size / 39
+    #: Inverted lists of ``ivf``; ``null``: sqrt(gallery size), at most gallery size / 39
     #: (FAISS wants 39 training points per list).
     ivf_lists: int | None
     #: Lists scanned per query by ``ivf``: the recall / latency trade-off.

@@ -93,7 +93,7 @@ def test_approximate_indexes_find_most_true_neighbours(kind):
 
 def test_ivf_lists_keep_39_training_points_per_list():
     cfg = serve_config(ivf_lists=None)
-    assert ivf_lists(cfg, 1_000_000) == 4000
+    assert ivf_lists(cfg, 1_000_000) == 1000
     assert ivf_lists(cfg, 1000) == 25
     assert ivf_lists(cfg, 10) == 1
     assert ivf_lists(serve_config(ivf_lists=64), 1_000_000) == 64

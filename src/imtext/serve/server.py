@@ -18,8 +18,10 @@ def bind(host: str, port: int) -> socket.socket:
     the address is taken or not this machine's."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        family, _, _, _, address = infos[0]
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        family, kind, proto, _, address = infos[0]
+        # The protocol must be IPPROTO_TCP (not 0): asyncio sets TCP_NODELAY only on such
+        # sockets, and without it every keep-alive response waits ~40 ms for a delayed ACK.
+        sock = socket.socket(family, kind, proto or socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
     except OSError as exc:
