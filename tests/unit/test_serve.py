@@ -128,10 +128,11 @@ def test_a_damaged_cached_index_is_rebuilt(tmp_path):
     assert state.index_source == "built" and state.image_index.ntotal == len(gallery)
 
 
-def test_synthetic_gallery_is_named_by_size_and_seed():
-    assert synthetic_gallery(10, 0).digest == synthetic_gallery(10, 0).digest
-    assert synthetic_gallery(10, 0).digest != synthetic_gallery(10, 1).digest
-    assert len(synthetic_gallery(10, 0)) == 10 and not synthetic_gallery(10, 0).paths
+def test_synthetic_gallery_is_named_by_size_and_recipe():
+    assert synthetic_gallery(10, "seed 0").digest == synthetic_gallery(10, "seed 0").digest
+    assert synthetic_gallery(10, "seed 0").digest != synthetic_gallery(10, "seed 1").digest
+    assert synthetic_gallery(10, "seed 0").digest != synthetic_gallery(11, "seed 0").digest
+    assert len(synthetic_gallery(10, "a")) == 10 and not synthetic_gallery(10, "a").paths
 
 
 def test_serve_settings_are_checked():

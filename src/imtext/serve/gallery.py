@@ -92,11 +92,12 @@ def read_gallery(dataset_dir: Path, split: str = "test") -> Gallery:
     )
 
 
-def synthetic_gallery(size: int, seed: int) -> Gallery:
+def synthetic_gallery(size: int, recipe: str) -> Gallery:
     """A gallery of ``size`` named images without files or captions, for embeddings made up by a
-    benchmark; its digest depends on ``size`` and ``seed`` only."""
+    benchmark; ``recipe`` names how they were made (seed, settings), and the digest depends on
+    ``size`` and ``recipe`` only."""
     names = tuple(f"synthetic/{i:07d}.png" for i in range(size))
-    digest = hashlib.sha256(f"synthetic:{size}:{seed}".encode()).hexdigest()
+    digest = hashlib.sha256(f"synthetic:{size}:{recipe}".encode()).hexdigest()
     return Gallery(names, {}, (), np.zeros(0, np.int64), digest)
 
 
