@@ -17,7 +17,9 @@ when the server stays away, in a :class:`RegistryUnavailableError` that says wha
 
 from imtext.registry.promotion import (
     PromotionDecision,
+    alias_version,
     load_champion,
+    load_model_version,
     preview_promotion,
     promote,
 )
@@ -29,7 +31,9 @@ __all__ = [
     "RegisteredVersion",
     "RegistryError",
     "RegistryUnavailableError",
+    "alias_version",
     "load_champion",
+    "load_model_version",
     "preview_promotion",
     "promote",
     "register",
