@@ -25,7 +25,7 @@ SMOKE = {
     "bench_train.py": "| stage | ranking |",
 }
 #: Benchmarks whose smoke mode another test runs.
-COVERED_ELSEWHERE = {"bench_metrics.py"}
+COVERED_ELSEWHERE = {"bench_metrics.py", "bench_serve.py"}  # tests/pipeline/test_bench_serve.py
 
 
 def test_every_benchmark_is_listed():
