@@ -11,8 +11,8 @@ the first ``--reference-queries`` queries of each direction are checked (unround
 differ in the last bit between a matrix product and a matrix-vector product, flipping near-ties).
 
 Memory: a child process builds 20,000 images x 100,000 captions of dim 256 and reports how far
-``retrieval_metrics`` raises its peak resident memory (``ru_maxrss``) beyond the inputs; on CUDA,
-the peak of torch's allocator beyond the inputs.
+``retrieval_metrics`` raises its peak resident memory (``VmHWM``) beyond the inputs; on CUDA, the
+peak of torch's allocator beyond the inputs.
 
 ``--smoke`` runs every part at tiny sizes once, so a test can keep the script from rotting.
 """
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -92,6 +91,23 @@ def check_against_reference(images, texts, text_to_image, n_queries: int) -> str
     return f"{len(ref_i2t):,} image and {len(ref_t2i):,} caption queries"
 
 
+def resident_kib(field: str) -> int:
+    """``VmRSS`` (now) or ``VmHWM`` (peak) of this process in KiB, from /proc/self/status.
+
+    Not ``ru_maxrss``: a child started by ``subprocess`` inherits its parent's peak through exec,
+    which would hide the child's own."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    raise SystemExit(f"/proc/self/status has no {field}; peak memory needs Linux")
+
+
+def reset_peak_resident() -> None:
+    """Lower VmHWM to the current resident size (Linux >= 4.0), so that the peak counts only what
+    follows, not transients of building the inputs."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
 def peak_memory_child(n_images: int, captions_per_image: int, dim: int, device: str) -> None:
     """In a fresh process: print JSON with the bytes of the inputs and the peak beyond them."""
     images, texts, text_to_image = make_embeddings(n_images, captions_per_image, dim, device)
@@ -103,9 +119,10 @@ def peak_memory_child(n_images: int, captions_per_image: int, dim: int, device: 
         retrieval_metrics(images, texts, text_to_image)
         peak = torch.cuda.max_memory_allocated() - before
     else:
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+        reset_peak_resident()
+        before = resident_kib("VmRSS")
         retrieval_metrics(images, texts, text_to_image)
-        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
+        peak = (resident_kib("VmHWM") - before) * 1024
     print(json.dumps({"inputs_bytes": inputs, "peak_beyond_inputs_bytes": peak}))
 
 

@@ -183,11 +183,12 @@ def _reference_rank(scores: np.ndarray, is_match: np.ndarray) -> int:
 class Tiling:
     """The score matrix (images x captions, both sorted by id) cut into equal ``rows x cols`` tiles.
 
-    Every tile is one ``torch.mm`` of the same shape (the last row and column of tiles are
-    zero-padded), so two equal embeddings get bitwise equal scores wherever they sit: BLAS
-    libraries pick their kernel, and with it the rounding, by shape (one-row products go through a
-    matrix-vector kernel, GPUs split long sums by shape), and a tie between two scores computed by
-    different kernels could otherwise break either way.
+    Ties must come out as ties: an image that duplicates a caption's ground-truth image must score
+    that caption bitwise alike, wherever the two sit. BLAS libraries pick kernels, and with them
+    the rounding, by shape and position (MKL computes a one-row product with a matrix-vector kernel,
+    and the last rows of a tile whose height is not a multiple of 4 along another path; GPUs split
+    long sums by shape). So every tile is one ``torch.mm`` of the same shape (the last row and
+    column of tiles are zero-padded), with both sides a multiple of 8.
     """
 
     rows: int
@@ -206,8 +207,8 @@ class Tiling:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         return cls(
-            rows=balanced_tile(n_images, chunk_size),
-            # MKL's float32 kernels run some 20% slower on widths that are not a multiple of 8
+            rows=round_up(balanced_tile(n_images, chunk_size), 8),
+            # also: MKL runs some 20% slower on widths that are not a multiple of 8
             cols=round_up(balanced_tile(n_texts, 2 * chunk_size), 8),
             n_images=n_images,
             n_texts=n_texts,
