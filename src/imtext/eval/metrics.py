@@ -25,10 +25,19 @@ the top K.
   queries gives the mean of the two middle ranks (2.5 is possible); ``_meanr``: the mean rank;
 * ``rsum``: the sum of every R@K of both directions.
 
-Memory: scores are computed one chunk of queries at a time (a ``chunk_size x n_candidates`` score
-matrix on the device of the embeddings), so 100,000 images x 500,000 captions fits in a few GB. The
-default chunk keeps one score matrix near 256 MiB; the masks and a masked copy made while ranking
-it bring the peak to about 2.5 times that for float32.
+Computation: one pass of matrix products over equal-shape tiles of the score matrix (:class:`Tiling`)
+serves both directions, on the device of the embeddings. Images and captions are sorted by id, so
+the matching pairs fall in a narrow band of tiles along the diagonal. The band is scored first and
+kept: its matching scores give each image's and each caption's best match, read from the very tiles
+the counts compare against, so no rounding difference between two ways of computing a score can
+split a tie. Then every tile adds, per row and per column, the non-matching scores that reach that
+best match. Each score is computed once: the cost is one product of the two embedding matrices plus
+a few percent (``bench/bench_metrics.py`` measures the ratio to a bare ``torch.mm``).
+
+Memory beyond the inputs: the band (about ``N_txt x rows + 2 x N_img x cols`` scores, capped at
+:data:`BAND_CACHE_BYTES`; band tiles past the cap are scored a second time instead), two tile
+buffers, and an id-sorted copy of the embeddings unless the ids are sorted already. 20,000 images x
+100,000 captions of dim 256 in float32 take about 0.4 GiB.
 """
 
 from __future__ import annotations
@@ -43,10 +52,11 @@ SCORE_CHUNK_BYTES = 256 * 2**20
 """Bound on one row of score tiles (a tile's images x every caption) when ``chunk_size`` is not
 given; it caps the tile height for very many captions."""
 
-TILE_IMAGES = 1024
-"""Images per score tile when ``chunk_size`` is not given (tiles hold twice as many captions):
-large enough that BLAS runs near full speed on each tile, small enough that the band of tiles kept
-between the two passes stays small."""
+TILE_IMAGES = 2048
+"""Images per score tile when ``chunk_size`` is not given (tiles hold twice as many captions).
+Large tiles keep BLAS at full speed and make few calls: on a CPU shared with other jobs every
+multithreaded call can stall on a descheduled thread, and a tile costs five calls. The band of
+tiles kept between the passes grows with the tile, but :data:`SCORE_CHUNK_BYTES` bounds it."""
 
 BAND_CACHE_BYTES = 2**30
 """Band tiles kept between the threshold pass and the counting pass; those beyond it are scored
