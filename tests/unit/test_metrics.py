@@ -290,3 +290,11 @@ def test_band_holds_every_matching_pair_and_match_cells_find_them():
     assert found == {(int(r), int(c)) for r, c in expected}
     # each block's band is the run of column tiles between its first and last match, no more
     assert len(band) < 2 * len(range(0, len(image_ids), tiling.rows)) + len(text_ids) // tiling.cols
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_counts_stay_exact_past_256(dtype):
+    # a collapsed model: 299 non-matching ties per query, more than bfloat16 counts exactly
+    same = torch.ones(300, 4, dtype=dtype)
+    i2t, t2i = per_query_ranks(same, same, np.arange(300))
+    assert set(i2t.tolist()) == set(t2i.tolist()) == {300}

@@ -270,7 +270,8 @@ def tiled_ranks(
     image_beaten = torch.zeros(tiling.n_images, dtype=torch.int64, device=images.device)
     text_beaten = torch.zeros(tiling.n_texts, dtype=torch.int64, device=images.device)
     work = images.new_empty((tiling.rows, tiling.cols))
-    flags = torch.empty_like(work)
+    # float32 even for half-precision scores: bfloat16 counts exactly only up to 256
+    flags = torch.empty_like(work, dtype=torch.float32)
     for block in range(len(image_tiles)):
         rows = tiling.images_of(block)
         for tile in range(len(text_tiles)):
@@ -350,9 +351,9 @@ def count_beaten(
     """Add, per image (row) and per caption (column) of a tile's (R, C) ``scores``, the scores that
     reach (>=: ties count against the query) that query's best matching score.
 
-    ``flags`` is an (R, C) buffer of the scores' dtype. The comparisons write 0.0/1.0 into it
-    rather than bool, which torch's CPU kernels produce about four times faster; sums of 0/1 are
-    exact in floating point up to 2^24, far more than a tile row or column.
+    ``flags`` is an (R, C) float32 buffer. The comparisons write 0.0/1.0 into it rather than bool,
+    which torch's CPU kernels produce about four times faster; float32 sums of 0/1 are exact up to
+    2^24, far more than a tile row or column.
     """
     image_beaten += torch.ge(scores, image_best[:, None], out=flags).sum(1).long()
     text_beaten += torch.ge(scores, text_best[None, :], out=flags).sum(0).long()
