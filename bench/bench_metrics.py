@@ -173,8 +173,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--reference-queries", type=int, default=300)
     parser.add_argument("--memory-images", type=int, default=20_000)
     parser.add_argument("--memory-dim", type=int, default=256)
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat")
-    parser.add_argument("--out", type=Path, default=REPO / "artifacts" / "bench" / "metrics.md")
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny sizes, one repeat, no table file"
+    )
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default: artifacts/bench/metrics.md (none with --smoke)")  # fmt: skip
     parser.add_argument("--peak-memory-child", type=int, nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.smoke:
@@ -200,8 +203,10 @@ def main() -> None:
         args.memory_images, args.captions_per_image, args.memory_dim, args.device
     )
     table = report(args, threads, times, checked, memory, len(texts))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(table + "\n")
+    out = args.out or (None if args.smoke else REPO / "artifacts" / "bench" / "metrics.md")
+    if out is not None:  # a smoke run never replaces the last real table
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(table + "\n")
     print(table)
 
 
