@@ -47,10 +47,13 @@ repro: data
 	dvc repro
 	dvc status
 
+# The suite runs in TEST_WORKERS processes (pytest-xdist); each holds PyTorch and ONNX Runtime to
+# one thread (tests/conftest.py), so two workers fill two cores instead of fighting over them.
+TEST_WORKERS ?= 2
 test: install browser
 	ruff check src tests bench components pipelines k8s
 	ruff format --check src tests bench components pipelines k8s
-	pytest
+	pytest -n $(TEST_WORKERS) --durations=15
 
 # Chromium and its driver for the browser test (tests/browser): installed with apt-get when missing
 # (as root, or through passwordless sudo). Where that fails the test skips and says why.
@@ -66,7 +69,7 @@ browser:
 	fi
 
 test-fast: install
-	pytest -m "not slow"
+	pytest -n $(TEST_WORKERS) -m "not slow"
 
 format: install
 	ruff format src tests bench components pipelines k8s

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,18 @@ from PIL import Image
 from imtext.config import PrepareConfig
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (``make test``), one thread per worker for PyTorch and ONNX Runtime
+    (which follows PyTorch's count), and for every subprocess a test starts: the workers already
+    fill the cores, and two thread pools per core spin against each other."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        os.environ["MKL_NUM_THREADS"] = "1"
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(1)
+
 
 DEFAULT_PREPARE = PrepareConfig(
     max_len=None,
