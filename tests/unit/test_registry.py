@@ -571,7 +571,7 @@ def test_retry_settings_are_the_libraries_own_and_the_users_win(monkeypatch):
     cfg = make_cfg(None, retries=4, retry_backoff_s=0.5)
     assert retry_environment(cfg) == {
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
-        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0.5",
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",  # whole seconds in MLflow: rounded up
         "AWS_MAX_ATTEMPTS": "4",
         "AWS_RETRY_MODE": "standard",
     }

@@ -15,6 +15,7 @@ the way out, and a refusal into :class:`RegistryError`.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -56,12 +57,13 @@ def no_log(message: str) -> None:
 def retry_environment(cfg: RegisterConfig) -> dict[str, str]:
     """MLflow's and botocore's retry settings for ``cfg.retries`` attempts in all.
 
-    urllib3 (under MLflow) sleeps ``backoff * 2**(n - 1)`` before retry ``n``; botocore's
-    ``standard`` mode retries throttling, 5xx and connection errors with jittered backoff.
+    urllib3 (under MLflow) sleeps ``backoff * 2**(n - 1)`` before retry ``n``; MLflow takes whole
+    seconds there, so the backoff is rounded up. botocore's ``standard`` mode retries throttling,
+    5xx and connection errors with jittered backoff.
     """
     return {
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(cfg.retries - 1),
-        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": repr(float(cfg.retry_backoff_s)),
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": str(math.ceil(cfg.retry_backoff_s)),
         "AWS_MAX_ATTEMPTS": str(cfg.retries),
         "AWS_RETRY_MODE": "standard",
     }
