@@ -289,10 +289,11 @@ def tracked_training(
     pipeline's MLflow run for training ``stage``; the run is this process's active run, with
     system metrics, until the block ends (module docstring for what fails and what warns)."""
     uri = resolve_tracking_uri(cfg, tracking_uri)
-    server = connect(uri, cfg, log)
+    hint = f"{DEFAULT_HINT}; nothing was trained, so run the step again once it answers"
+    server = connect(uri, cfg, log, hint)
     action = "open the MLflow run" if run_id is None else f"resume MLflow run {run_id}"
     with retry_settings(cfg), tracking_uri_in_force(uri), system_metrics_interval():
-        with translated(f"{stage}: {action}", uri, f"{DEFAULT_HINT}; nothing was trained"):
+        with translated(f"{stage}: {action}", uri, hint):
             active = start(server, cfg, stage, run_id, params or {}, source, kfp_run_id)
         info = active.info
         log(f"{stage}: logging to MLflow run {info.run_id} at {uri}")
