@@ -163,3 +163,20 @@ def test_the_ablation_is_a_parent_run_with_a_nested_run_per_configuration_and_se
     assert seen[("no-instance", "1")]["rsum"] == 41.0
     assert client.get_run(parent).data.metrics["full.rsum"] == 50.5
     assert [a.path for a in client.list_artifacts(parent)] == ["ablation.md"]
+
+
+def test_the_global_tracking_uri_is_put_back_as_it_was(monkeypatch):
+    import mlflow
+
+    from imtext.registry.runs import tracking_uri_in_force
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)
+    with tracking_uri_in_force("sqlite:///inside.db"):
+        assert mlflow.get_tracking_uri() == "sqlite:///inside.db"
+    assert not mlflow.is_tracking_uri_set()  # unset again: the variable decides later
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///env.db")
+    with tracking_uri_in_force("sqlite:///inside.db"):
+        pass
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///changed.db")
+    assert mlflow.get_tracking_uri() == "sqlite:///changed.db"

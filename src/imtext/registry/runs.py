@@ -149,19 +149,18 @@ def ensure_experiment(server: Server, name: str) -> str:
 @contextmanager
 def tracking_uri_in_force(uri: str) -> Iterator[None]:
     """MLflow's global tracking URI is ``uri`` within the block (the fluent API, the system
-    metrics monitor and ``register_model`` resolve through it); afterwards the URI in force and
-    ``$MLFLOW_TRACKING_URI`` are as they were."""
-    env_before = os.environ.get("MLFLOW_TRACKING_URI")
-    before = mlflow.get_tracking_uri()
+    metrics monitor and ``register_model`` resolve through it); afterwards the global URI and
+    ``$MLFLOW_TRACKING_URI`` are exactly as they were: a URI nobody set stays unset, so the
+    variable keeps deciding."""
+    env_before = os.environ.pop("MLFLOW_TRACKING_URI", None)
+    # With the variable out of the way, "set" means set by a call to set_tracking_uri.
+    set_before = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
     mlflow.set_tracking_uri(uri)
     try:
         yield
     finally:
-        mlflow.set_tracking_uri(before)
-        # set_tracking_uri writes the variable too: put it back exactly.
-        if env_before is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
+        mlflow.set_tracking_uri(set_before)  # None: unset again (and the variable removed)
+        if env_before is not None:
             os.environ["MLFLOW_TRACKING_URI"] = env_before
 
 
