@@ -5,7 +5,7 @@ BIN := $(abspath $(VENV))/bin
 STAMP := $(VENV)/.installed
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install run ui repro data test test-fast format clean image deploy
+.PHONY: install run ui serve repro data test test-fast browser format clean image deploy
 
 install: $(STAMP)
 
@@ -37,14 +37,33 @@ UI_PORT ?= 5000
 ui: install
 	imtext ui --port $(UI_PORT)
 
+# The search service on the champion `make run` promoted (README "Serving"): the search page on
+# http://127.0.0.1:$(SERVE_PORT), the gallery is the test split of data/shapes. Ctrl-C stops it.
+SERVE_PORT ?= 8080
+serve: data
+	imtext serve --port $(SERVE_PORT)
+
 repro: data
 	dvc repro
 	dvc status
 
-test: install
+test: install browser
 	ruff check src tests bench components pipelines k8s
 	ruff format --check src tests bench components pipelines k8s
 	pytest
+
+# Chromium and its driver for the browser test (tests/browser): installed with apt-get when missing
+# (as root, or through passwordless sudo). Where that fails the test skips and says why.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif command -v apt-get >/dev/null; then \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo "sudo -n"); \
+		echo "installing chromium and chromium-driver for the browser test"; \
+		($$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium chromium-driver) \
+			|| echo "could not install Chromium; the browser test will be skipped"; \
+	else \
+		echo "no apt-get: the browser test is skipped unless chromium and chromedriver are on PATH"; \
+	fi
 
 test-fast: install
 	pytest -m "not slow"

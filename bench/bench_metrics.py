@@ -1,19 +1,30 @@
-"""Speed of ``retrieval_metrics`` (chunked torch matmul) against ``reference_ranks`` (one query at
-a time in numpy), on COCO-5K-sized random embeddings: 5,000 images x 25,000 captions of dim 1024.
+"""``retrieval_metrics`` against its floor: one bare ``torch.mm`` of the same two matrices.
 
-The data are random unit vectors in float32, rounded to a 2^-11 grid: every dot product is then a
-multiple of 2^-22 below 1 in size, exact in float32 whatever the summation order, so the fast and
-the reference ranks must agree exactly, exact ties included (unrounded floats would differ in the
-last bit between a matrix product and a vector product, flipping near-ties). The reference loop is
-timed in full when a pilot estimates it under ``--reference-budget`` seconds; otherwise on the first
-``--reference-queries`` queries of each direction, extrapolated linearly to all of them.
+Timing: COCO-5K-sized random embeddings, 5,000 images x 25,000 captions of dim 1024 in float32.
+Each repeat times ``torch.mm(images, texts.T)`` and then ``retrieval_metrics`` back to back, so the
+two see the same machine load; the table gives the ratio of the fastest of each and of the medians.
+
+Correctness: the embeddings are random unit vectors rounded to a 2^-11 grid, so every dot product
+is a multiple of 2^-22 below 1 in size and exact in float32 whatever the summation order. The ranks
+must then equal ``reference_ranks`` (one query at a time in numpy) exactly, exact ties included;
+the first ``--reference-queries`` queries of each direction are checked (unrounded floats would
+differ in the last bit between a matrix product and a matrix-vector product, flipping near-ties).
+
+Memory: a child process builds 20,000 images x 100,000 captions of dim 256 and reports how far
+``retrieval_metrics`` raises its peak resident memory (``VmHWM``) beyond the inputs; on CUDA, the
+peak of torch's allocator beyond the inputs.
+
+``--smoke`` runs every part at tiny sizes once, so a test can keep the script from rotting.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -25,112 +36,177 @@ from imtext.eval.metrics import per_query_ranks, reference_ranks, retrieval_metr
 
 REPO = Path(__file__).resolve().parents[1]
 GRID = 2.0**-11
-PILOT_QUERIES = 20
+
+
+def grid_unit_vectors(n: int, dim: int, generator: torch.Generator, device: str) -> torch.Tensor:
+    """(n, dim) float32 unit vectors rounded to GRID, built in place (no float64 transient, which
+    would raise the memory baseline of the child)."""
+    x = torch.randn(n, dim, generator=generator)
+    x /= torch.linalg.vector_norm(x, dim=1, keepdim=True)
+    return x.div_(GRID).round_().mul_(GRID).to(device)
 
 
 def make_embeddings(
-    n_images: int, captions_per_image: int, dim: int, seed: int = 0
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(N_img, dim) and (N_img * captions_per_image, dim) float32 unit vectors on GRID, and ids."""
-    rng = np.random.default_rng(seed)
-
-    def unit_on_grid(n: int) -> np.ndarray:
-        x = rng.standard_normal((n, dim))
-        x /= np.linalg.norm(x, axis=1, keepdims=True)
-        return (np.round(x / GRID) * GRID).astype(np.float32)
-
+    n_images: int, captions_per_image: int, dim: int, device: str = "cpu", seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """Images (N, dim), captions (N * captions_per_image, dim), and each caption's image."""
+    generator = torch.Generator().manual_seed(seed)
     text_to_image = np.repeat(np.arange(n_images), captions_per_image)
-    return unit_on_grid(n_images), unit_on_grid(len(text_to_image)), text_to_image
+    images = grid_unit_vectors(n_images, dim, generator, device)
+    return images, grid_unit_vectors(len(text_to_image), dim, generator, device), text_to_image
 
 
-def time_reference(images, texts, text_to_image, budget_s: float, subset: int):
-    """Seconds for all queries (measured or extrapolated), the ranks computed, and a note."""
-    counts = {"i2t": len(images), "t2i": len(texts)}
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
-    def run(direction: str, n: int) -> tuple[float, np.ndarray]:
-        limits = {"i2t_queries": 0, "t2i_queries": 0, f"{direction}_queries": n}
-        start = time.perf_counter()
-        ranks = reference_ranks(images, texts, text_to_image, **limits)
-        return time.perf_counter() - start, ranks[0 if direction == "i2t" else 1]
 
-    pilot = {d: run(d, PILOT_QUERIES)[0] / PILOT_QUERIES * counts[d] for d in counts}
-    n_run = {
-        d: counts[d] if sum(pilot.values()) <= budget_s else min(subset, counts[d]) for d in counts
-    }
-    seconds, ranks = {}, {}
-    for direction, n in n_run.items():
-        elapsed, ranks[direction] = run(direction, n)
-        seconds[direction] = elapsed * counts[direction] / n
-    if n_run == counts:
-        note = "all queries"
+def timed(fn, device: str) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def time_against_floor(images, texts, text_to_image, repeats: int, device: str) -> dict:
+    """Seconds of ``torch.mm`` and of ``retrieval_metrics``, interleaved, ``repeats`` each."""
+    floor, fast = [], []
+    for _ in range(repeats):
+        floor.append(timed(lambda: torch.mm(images, texts.T), device))
+        fast.append(timed(lambda: retrieval_metrics(images, texts, text_to_image), device))
+    return {"floor": floor, "fast": fast}
+
+
+def check_against_reference(images, texts, text_to_image, n_queries: int) -> str:
+    """Raise SystemExit unless the first ``n_queries`` ranks of each direction equal the loop's;
+    say how many were checked."""
+    fast_i2t, fast_t2i = per_query_ranks(images, texts, text_to_image)
+    ref_i2t, ref_t2i = reference_ranks(
+        images, texts, text_to_image, i2t_queries=n_queries, t2i_queries=n_queries
+    )
+    for direction, fast, ref in (("i2t", fast_i2t, ref_i2t), ("t2i", fast_t2i, ref_t2i)):
+        if not np.array_equal(fast[: len(ref)], ref):
+            raise SystemExit(f"{direction} ranks differ from the reference loop")
+    return f"{len(ref_i2t):,} image and {len(ref_t2i):,} caption queries"
+
+
+def resident_kib(field: str) -> int:
+    """``VmRSS`` (now) or ``VmHWM`` (peak) of this process in KiB, from /proc/self/status.
+
+    Not ``ru_maxrss``: a child started by ``subprocess`` inherits its parent's peak through exec,
+    which would hide the child's own."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    raise SystemExit(f"/proc/self/status has no {field}; peak memory needs Linux")
+
+
+def reset_peak_resident() -> None:
+    """Lower VmHWM to the current resident size (Linux >= 4.0), so that the peak counts only what
+    follows, not transients of building the inputs."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_memory_child(n_images: int, captions_per_image: int, dim: int, device: str) -> None:
+    """In a fresh process: print JSON with the bytes of the inputs and the peak beyond them."""
+    images, texts, text_to_image = make_embeddings(n_images, captions_per_image, dim, device)
+    inputs = images.nbytes + texts.nbytes
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        retrieval_metrics(images, texts, text_to_image)
+        peak = torch.cuda.max_memory_allocated() - before
     else:
-        note = (
-            "extrapolated from the first "
-            + " and ".join(f"{n_run[d]:,} of {counts[d]:,} {d}" for d in counts)
-            + " queries"
-        )
-    return sum(seconds.values()), ranks, note
+        reset_peak_resident()
+        before = resident_kib("VmRSS")
+        retrieval_metrics(images, texts, text_to_image)
+        peak = (resident_kib("VmHWM") - before) * 1024
+    print(json.dumps({"inputs_bytes": inputs, "peak_beyond_inputs_bytes": peak}))
 
 
-def main() -> None:
+def measure_peak_memory(n_images: int, captions_per_image: int, dim: int, device: str) -> dict:
+    """Run :func:`peak_memory_child` in a subprocess (a clean high-water mark) and read its JSON."""
+    args = [n_images, captions_per_image, dim]
+    command = [sys.executable, __file__, "--peak-memory-child", *map(str, args), "--device", device]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise SystemExit(f"the memory child failed:\n{result.stderr}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def report(args, threads: int, times: dict, checked: str, memory: dict, n_texts: int) -> str:
+    floor_min, fast_min = min(times["floor"]), min(times["fast"])
+    floor_med, fast_med = statistics.median(times["floor"]), statistics.median(times["fast"])
+    gib = 2**30
+    return "\n".join(
+        [
+            f"retrieval_metrics on {args.images:,} images x {n_texts:,} captions, dim {args.dim}, "
+            f"float32 unit vectors on a 2^-11 grid, on {args.device}; {threads} threads of "
+            f"{os.cpu_count()} CPUs; {args.repeats} interleaved repeats",
+            "",
+            "| measure | fastest | median |",
+            "|---|---|---|",
+            f"| `torch.mm(images, texts.T)` (floor) s | {floor_min:.3f} | {floor_med:.3f} |",
+            f"| `retrieval_metrics` s | {fast_min:.3f} | {fast_med:.3f} |",
+            f"| ratio to the floor | {fast_min / floor_min:.3f}x | {fast_med / floor_med:.3f}x |",
+            "",
+            f"Ranks identical to `reference_ranks` on the first {checked}.",
+            "",
+            f"Peak memory beyond the inputs at {args.memory_images:,} images x "
+            f"{args.memory_images * args.captions_per_image:,} captions, dim {args.memory_dim}: "
+            f"{memory['peak_beyond_inputs_bytes'] / gib:.3f} GiB (inputs "
+            f"{memory['inputs_bytes'] / gib:.3f} GiB).",
+        ]
+    )
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--images", type=int, default=5000)
     parser.add_argument("--captions-per-image", type=int, default=5)
     parser.add_argument("--dim", type=int, default=1024)
-    parser.add_argument("--device", default="cpu", help="device of the fast version (cpu, cuda)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--reference-budget", type=float, default=180.0, help="seconds")
-    parser.add_argument("--reference-queries", type=int, default=1000)
-    parser.add_argument("--out", type=Path, default=REPO / "artifacts" / "bench" / "metrics.md")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--reference-queries", type=int, default=300)
+    parser.add_argument("--memory-images", type=int, default=20_000)
+    parser.add_argument("--memory-dim", type=int, default=256)
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny sizes, one repeat, no table file"
+    )
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default: artifacts/bench/metrics.md (none with --smoke)")  # fmt: skip
+    parser.add_argument("--peak-memory-child", type=int, nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.smoke:
+        args.images, args.dim, args.repeats = 40, 16, 1
+        args.memory_images, args.memory_dim = 200, 16
+    return args
 
+
+def main() -> None:
+    args = parse_args()
+    if args.peak_memory_child:
+        peak_memory_child(*args.peak_memory_child, args.device)
+        return
     threads = args.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
-    images, texts, text_to_image = make_embeddings(args.images, args.captions_per_image, args.dim)
-    images_t = torch.from_numpy(images).to(args.device)
-    texts_t = torch.from_numpy(texts).to(args.device)
-
-    fast_times = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        metrics = retrieval_metrics(images_t, texts_t, text_to_image)
-        fast_times.append(time.perf_counter() - start)
-    fast_s = statistics.median(fast_times)
-    fast_i2t, fast_t2i = per_query_ranks(images_t, texts_t, text_to_image)
-
-    with threadpool_limits(limits=threads):  # numpy's BLAS gets the same threads as torch
-        ref_s, ref_ranks, ref_note = time_reference(
-            images, texts, text_to_image, args.reference_budget, args.reference_queries
-        )
-    for direction, fast in (("i2t", fast_i2t), ("t2i", fast_t2i)):
-        expected = ref_ranks[direction]
-        if not np.array_equal(fast[: len(expected)], expected):
-            raise SystemExit(f"{direction} ranks differ from the reference loop")
-    checked = sum(len(r) for r in ref_ranks.values())
-
-    rows = [
-        "| method | seconds | speed-up vs reference |",
-        "|---|---|---|",
-        f"| `reference_ranks` (numpy, one query at a time; {ref_note}) | {ref_s:.2f} | 1.00x |",
-        f"| `retrieval_metrics` (torch, chunked matmul; median of {args.repeats}) "
-        f"| {fast_s:.2f} | {ref_s / fast_s:.1f}x |",
-    ]
-    table = "\n".join(
-        [
-            f"retrieval metrics on {args.images:,} images x {len(texts):,} captions, dim {args.dim}, "
-            f"float32 unit vectors on a 2^-11 grid; fast on {args.device}, reference on cpu; "
-            f"{threads} threads of {os.cpu_count()} CPUs",
-            "",
-            *rows,
-            "",
-            f"Ranks identical on all {checked:,} reference queries. Random data, so chance-level "
-            f"metrics: i2t R@1 {metrics['i2t_r1']:.3f}, t2i R@1 {metrics['t2i_r1']:.3f}, "
-            f"t2i medr {metrics['t2i_medr']:.0f}.",
-        ]
+    images, texts, text_to_image = make_embeddings(
+        args.images, args.captions_per_image, args.dim, args.device
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(table + "\n")
+    times = time_against_floor(images, texts, text_to_image, args.repeats, args.device)
+    with threadpool_limits(limits=threads):  # numpy's BLAS gets the same threads as torch
+        checked = check_against_reference(images, texts, text_to_image, args.reference_queries)
+    memory = measure_peak_memory(
+        args.memory_images, args.captions_per_image, args.memory_dim, args.device
+    )
+    table = report(args, threads, times, checked, memory, len(texts))
+    out = args.out or (None if args.smoke else REPO / "artifacts" / "bench" / "metrics.md")
+    if out is not None:  # a smoke run never replaces the last real table
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(table + "\n")
     print(table)
 
 

@@ -50,8 +50,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--images", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=REPO / "artifacts" / "bench" / "prepare.md")
+    parser.add_argument("--smoke", action="store_true", help="6 images, one repeat, no table file")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default: artifacts/bench/prepare.md (none with --smoke)")  # fmt: skip
     args = parser.parse_args()
+    if args.smoke:
+        args.images, args.repeats = 6, 1
 
     base_cfg = load_stage_config("prepare", REPO / "params.yaml")
     cfg = dataclasses.replace(base_cfg, image_format="jpeg")
@@ -90,9 +94,11 @@ def main() -> None:
             *rows,
         ]
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(table + "\n")
     print(table)
+    out = args.out or (None if args.smoke else REPO / "artifacts" / "bench" / "prepare.md")
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(table + "\n")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import torch
+from _tiny import smoke_model_config, smoke_stage_config  # bench/, the script's own directory
 
 from imtext.config import load_stage_config
 from imtext.models.dual_path import build_model
@@ -41,10 +42,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--vocab", type=int, default=91)
     parser.add_argument("--classes", type=int, default=4000)
-    parser.add_argument("--out", type=Path, default=REPO / "artifacts" / "bench" / "step.md")
+    parser.add_argument("--smoke", action="store_true", help="tiny model, one round, no file")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default: artifacts/bench/step.md (none with --smoke)")  # fmt: skip
     args = parser.parse_args()
-    model_cfg = load_stage_config("model", args.params)
-    cfg = load_stage_config("finetune", args.params)
+    if args.smoke:
+        model_cfg = smoke_model_config(args.params)
+        cfg = smoke_stage_config("finetune", args.params)
+        args.rounds, args.classes = 1, 10
+    else:
+        model_cfg = load_stage_config("model", args.params)
+        cfg = load_stage_config("finetune", args.params)
     torch.manual_seed(0)
     size = model_cfg.image_size
     images = torch.randn(cfg.batch_size, 3, size, size)
@@ -81,8 +89,10 @@ def main() -> None:
         )
     table = "\n".join(lines)
     print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(table + "\n")
+    out = args.out or (None if args.smoke else REPO / "artifacts" / "bench" / "step.md")
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(table + "\n")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+from _tiny import smoke_model_config, smoke_prepared, smoke_stage_config  # bench/, this directory
 from torch.profiler import ProfilerActivity, profile
 
 from imtext.config import load_stage_config
@@ -83,15 +84,25 @@ def main() -> None:
     parser.add_argument("--prepared", type=Path, default=REPO / "artifacts" / "prepared")
     parser.add_argument("--params", type=Path, default=REPO / "params.yaml")
     parser.add_argument("--baseline-steps", type=int, default=20)
-    parser.add_argument("--out", type=Path, default=REPO / "artifacts" / "bench" / "train.md")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny rendered data and model, a one-step baseline, no table file",
+    )
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default: artifacts/bench/train.md (none with --smoke)")  # fmt: skip
     args = parser.parse_args()
 
     model_cfg = load_stage_config("model", args.params)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        if args.smoke:
+            args.prepared = smoke_prepared(Path(tmp) / "data", args.params)
+            model_cfg = smoke_model_config(args.params)
+            args.baseline_steps = 1
         init = None
         for stage in ("pretrain", "finetune"):
-            cfg = load_stage_config(stage, args.params)
+            cfg = (smoke_stage_config if args.smoke else load_stage_config)(stage, args.params)
             baseline = model_only_samples_per_s(model_cfg, cfg, args.prepared, args.baseline_steps)
             out = Path(tmp) / stage
             metrics, phases, wall = profile_stage(stage, model_cfg, cfg, args.prepared, init, out)
@@ -127,8 +138,10 @@ def main() -> None:
     ]
     table = "\n".join(lines)
     print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(table + "\n")
+    out = args.out or (None if args.smoke else REPO / "artifacts" / "bench" / "train.md")
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(table + "\n")
 
 
 if __name__ == "__main__":

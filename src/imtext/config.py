@@ -427,10 +427,18 @@ class EvaluateConfig:
             raise ConfigError(f"report_queries: must not be negative, got {self.report_queries}")
 
 
+Quantize = Literal["static", "dynamic", "none"]
+Exporter = Literal["torchscript", "dynamo"]
+
+
 @dataclass(frozen=True)
 class ExportConfig:
     """Settings of the ``export`` stage (a trained model -> ONNX encoders, verified)."""
 
+    #: ``torch.onnx.export``'s exporter: ``torchscript`` (``dynamo=False``: 12-19x faster to
+    #: export, the same checks passed; deprecated by PyTorch) or ``dynamo`` (torch.export). bench_export.py
+    #: compares them.
+    exporter: Exporter
     #: ONNX opset of both encoders.
     opset: int
     #: Largest allowed |ONNX Runtime - PyTorch| over every embedding value of the parity batch.
@@ -439,10 +447,20 @@ class ExportConfig:
     recall_split: Literal["val", "test"]
     #: Largest allowed difference in rsum (recall points) between ONNX and PyTorch embeddings.
     recall_tolerance: float
-    #: Also write INT8 dynamically quantized encoders and measure their recall.
-    quantize: bool
+    #: INT8 encoders next to the float32 ones, their recall measured: ``static`` (QDQ, weights
+    #: per channel, activation ranges calibrated on ``calibration_images`` training images and
+    #: captions), ``dynamic`` (activation ranges computed at every call: slower than float32 on
+    #: the CPU, bench/README.md) or ``none``.
+    quantize: Quantize
+    #: Training images (and as many captions), spread over the split, whose activations set the
+    #: ranges of ``static`` (every one when the split holds fewer).
+    calibration_images: int
 
     def __post_init__(self) -> None:
+        if self.calibration_images < 1:
+            raise ConfigError(
+                f"calibration_images: must be at least 1, got {self.calibration_images}"
+            )
         if self.opset < 18:
             raise ConfigError(
                 f"opset: must be at least 18 (the oldest torch.onnx's exporter writes), got "
@@ -488,6 +506,70 @@ class RegisterConfig:
                 raise ConfigError(f"{name}: must not be empty")
 
 
+IndexKind = Literal["exact", "ivf", "hnsw"]
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Settings of ``imtext serve`` (the search service over a gallery); its flags override a few."""
+
+    #: Address the service listens on; 127.0.0.1 keeps it off the network.
+    host: str
+    port: int
+    #: ``exact`` (FAISS flat inner product), ``ivf`` (inverted lists, flat within a list) or
+    #: ``hnsw`` (graph); the approximate two are for galleries of 100K and more (bench/README.md).
+    index: IndexKind
+    #: Inverted lists of ``ivf``; ``null``: sqrt(gallery size), at most gallery size / 39
+    #: (FAISS wants 39 training points per list).
+    ivf_lists: int | None
+    #: Lists scanned per query by ``ivf``: the recall / latency trade-off.
+    ivf_probe: int
+    #: Neighbours per node of ``hnsw`` (its M).
+    hnsw_neighbours: int
+    #: Candidate list while building / searching ``hnsw``.
+    hnsw_ef_construction: int
+    hnsw_ef_search: int
+    #: Seconds between checks of the alias for a new version (0: never check).
+    poll_seconds: float
+    #: Results per query when the request gives no ``k``, and the largest ``k`` accepted.
+    default_k: int
+    max_k: int
+    #: Longest query ``q`` accepted, in characters.
+    max_query_chars: int
+    #: Largest request body (an image, a v2 tensor), in bytes; checked while reading.
+    max_body_bytes: int
+    #: Largest image (width x height, read from its header before decoding) accepted.
+    max_image_pixels: int
+    #: Largest batch (rows) of one v2 infer request.
+    max_batch: int
+    #: ONNX Runtime intra-op and FAISS threads; ``null``: their defaults (one per core).
+    threads: int | None
+    #: Where downloaded models and built indexes are kept, relative to the working directory.
+    cache_dir: str
+
+    def __post_init__(self) -> None:
+        for name in (
+            "port", "ivf_probe", "hnsw_neighbours", "hnsw_ef_construction", "hnsw_ef_search",
+            "default_k", "max_k", "max_query_chars", "max_body_bytes", "max_image_pixels",
+            "max_batch",
+        ):  # fmt: skip
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be at least 1, got {getattr(self, name)}")
+        for name in ("ivf_lists", "threads"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be at least 1 or null, got {getattr(self, name)}")
+        if self.port > 65535:
+            raise ConfigError(f"port: must be at most 65535, got {self.port}")
+        if self.poll_seconds < 0:
+            raise ConfigError(f"poll_seconds: must not be negative, got {self.poll_seconds}")
+        if self.default_k > self.max_k:
+            raise ConfigError(
+                f"default_k: must be at most max_k ({self.max_k}), got {self.default_k}"
+            )
+        if not self.cache_dir.strip():
+            raise ConfigError("cache_dir: must not be empty")
+
+
 STAGE_CONFIGS: dict[str, type] = {
     "prepare": PrepareConfig,
     "model": ModelConfig,
@@ -496,6 +578,7 @@ STAGE_CONFIGS: dict[str, type] = {
     "evaluate": EvaluateConfig,
     "export": ExportConfig,
     "register": RegisterConfig,
+    "serve": ServeConfig,
 }
 
 

@@ -2,7 +2,9 @@
 
 Offline: built-in objects are validated against the Kubernetes OpenAPI schemas that
 kubernetes-validate bundles (strict: unknown fields are errors); the PyTorchJob (a CRD those schemas
-lack) is checked structurally, its pod templates against the Pod schema.
+lack) is checked structurally, its pod templates against the Pod schema; the KServe
+InferenceService against a reduced copy of its CRD schema (schemas/, with jsonschema), its
+predictor's pod against the Pod schema.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 
+import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
@@ -51,6 +54,12 @@ PIPELINE_SECRET_KEYS = {
     "AWS_SECRET_ACCESS_KEY",
 }
 CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "PersistentVolume"}
+ISVC_SCHEMA = json.loads(
+    (Path(__file__).parent / "schemas" / "kserve-inferenceservice-v1beta1.schema.json").read_text()
+)
+#: The image of KServe's Triton runtime (ClusterServingRuntime kserve-tritonserver), whose tag an
+#: InferenceService sets with runtimeVersion.
+TRITON_IMAGE = "nvcr.io/nvidia/tritonserver"
 
 
 def kubectl() -> str:
@@ -101,6 +110,8 @@ def pod_specs(obj: dict) -> Iterator[tuple[str, dict]]:
     elif obj["kind"] == "PyTorchJob":
         for rtype, replica in spec["pytorchReplicaSpecs"].items():
             yield f"{where}/{rtype}", replica["template"]["spec"]
+    elif obj["kind"] == "InferenceService":
+        yield where, predictor_pod_spec(obj)
     elif "template" in spec:
         yield where, spec["template"]["spec"]
 
@@ -111,6 +122,61 @@ def containers(objects: list[dict]) -> Iterator[tuple[str, dict, dict]]:
         for where, pod in pod_specs(obj):
             for c in pod.get("initContainers", []) + pod["containers"]:
                 yield f"{where}/{c['name']}", pod, c
+
+
+def inlined_fields(definition: str) -> set[str]:
+    """The fields KServe inlines from a Kubernetes type into ``definition`` of the vendored schema."""
+    properties = ISVC_SCHEMA["$defs"][definition]["properties"]
+    return {name for name, rule in properties.items() if "x-inlined" in rule}
+
+
+def predictor_pod_spec(isvc: dict) -> dict:
+    """The PodSpec KServe builds for an InferenceService's predictor, as far as the manifest
+    decides it: the predictor's PodSpec fields, and the runtime's container ``kserve-container``
+    with the model's container fields over it, its image the runtime's at ``runtimeVersion``.
+    (KServe adds its storage-initializer init container, configured in KServe itself.)"""
+    predictor = isvc["spec"]["predictor"]
+    model = predictor.get("model", {})
+    container = {k: v for k, v in model.items() if k in inlined_fields("ModelSpec")}
+    container.setdefault("name", "kserve-container")
+    container.setdefault("image", f"{TRITON_IMAGE}:{model.get('runtimeVersion', 'unset')}")
+    pod = {k: v for k, v in predictor.items() if k in inlined_fields("PredictorSpec")}
+    pod["containers"] = [container, *predictor.get("containers", [])]
+    return pod
+
+
+#: The predictor implementations of KServe's PredictorSpec, of which exactly one must be given
+#: (a custom predictor gives ``containers`` instead).
+PREDICTOR_IMPLEMENTATIONS = {
+    name
+    for name, rule in ISVC_SCHEMA["$defs"]["PredictorSpec"]["properties"].items()
+    if rule.get("x-implementation")
+}
+PROTOCOLS = {"v1", "v2", "grpc-v1", "grpc-v2"}  # KServe's InferenceServiceProtocol
+
+
+def validate_inferenceservice(isvc: dict) -> None:
+    """A serving.kserve.io/v1beta1 InferenceService: the CRD's schema (vendored, reduced), the
+    checks of KServe's webhook the manifest could fail, and the predictor's pod against the Pod
+    schema. Raises jsonschema's or kubernetes-validate's ValidationError, or AssertionError."""
+    jsonschema.validate(isvc, ISVC_SCHEMA, cls=jsonschema.Draft202012Validator)
+    predictor = isvc["spec"]["predictor"]
+    given = sorted(PREDICTOR_IMPLEMENTATIONS & set(predictor))
+    assert len(given) + bool(predictor.get("containers")) == 1, (
+        f"exactly one predictor implementation, got {given}"
+    )
+    if "model" in predictor:
+        protocol = predictor["model"].get("protocolVersion", "v1")
+        assert protocol in PROTOCOLS, f"protocolVersion {protocol!r} is not one of {PROTOCOLS}"
+    low, high = predictor.get("minReplicas", 1), predictor.get("maxReplicas", 0)
+    assert high == 0 or low <= high, f"minReplicas {low} > maxReplicas {high}"
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": f"{isvc['metadata']['name']}-predictor"},
+        "spec": predictor_pod_spec(isvc),
+    }
+    kubernetes_validate.validate(pod, K8S_VERSION, strict=True)
 
 
 def validate_pytorchjob(job: dict) -> None:
@@ -161,6 +227,13 @@ def test_every_object_validates_offline(objects):
         name = f"{obj['kind']}/{obj['metadata']['name']}"
         if obj["apiVersion"].split("/")[0].endswith("kubeflow.org"):
             validate_pytorchjob(obj)
+            continue
+        if obj["apiVersion"] == "serving.kserve.io/v1beta1":
+            try:
+                validate_inferenceservice(obj)
+            except (jsonschema.ValidationError, kubernetes_validate.ValidationError) as error:
+                path = ".".join(str(p) for p in error.path)
+                pytest.fail(f"{name}: {path}: {error.message}")
             continue
         try:
             kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
@@ -744,6 +817,8 @@ def sources(objects) -> dict[str, tuple[str, dict]]:
             if obj["kind"] == "PyTorchJob":
                 rtype = where.rsplit("/", 1)[1]
                 labels = obj["spec"]["pytorchReplicaSpecs"][rtype]["template"]["metadata"]
+            elif obj["kind"] == "InferenceService":
+                labels = obj["spec"]["predictor"]  # KServe puts these labels on its pods
             else:
                 labels = obj["spec"]["template"]["metadata"]
             found[where] = (NAMESPACE, labels["labels"])
@@ -767,6 +842,7 @@ EXPECTED_CLIENTS = {
         "KFP step in imtext",
         "KFP step in kubeflow",
         "Job/imtext-mlflow-setup",
+        "Deployment/imtext-search",  # the champion (artifacts through MLflow's proxy)
     },
     ("imtext-minio", 9000): {
         "Deployment/imtext-mlflow",
@@ -775,6 +851,9 @@ EXPECTED_CLIENTS = {
         "PyTorchJob/imtext-finetune/Worker",
         "KFP step in imtext",
         "KFP step in kubeflow",
+        "Deployment/imtext-search",  # its init container copies the gallery
+        "InferenceService/imtext-encoders",  # KServe's storage initializer
+        "Job/imtext-serving-setup",
     },
     ("imtext-minio", 9001): set(),  # the console: port-forward only
 }
@@ -848,6 +927,10 @@ REAL_SECRETS = {
         "POSTGRES_DB": "mlflow",
     },
     "imtext-minio": {"MINIO_ROOT_USER": "imtext-admin", "MINIO_ROOT_PASSWORD": "m1N-root-pw-x"},
+    "imtext-serving-s3": {
+        "AWS_ACCESS_KEY_ID": "imtext-serving",
+        "AWS_SECRET_ACCESS_KEY": "s6Gh1-serving-s3-secret",
+    },
 }
 
 
@@ -1034,3 +1117,175 @@ def test_mlflow_user_job_creates_then_updates_the_pipeline_user():
         assert FakeMlflowUsers.users == {"imtext-pipeline": "pipeline-password-2"}
     finally:
         server.shutdown()
+
+
+# --- Serving (k8s/serving/) -------------------------------------------------------------------
+
+PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
+SERVING_SECRET = "imtext-serving-s3"
+ISVC = "imtext-encoders"
+
+
+def test_inferenceservice_serves_both_encoders_on_triton_over_v2(objects):
+    from imtext.export.triton import IMAGE_MODEL, TEXT_MODEL
+
+    isvc = one(objects, "InferenceService", ISVC)
+    validate_inferenceservice(isvc)
+    # A plain Deployment: no Knative or Istio needed, and storageUri changes roll it.
+    assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "RawDeployment"
+    predictor = isvc["spec"]["predictor"]
+    model = predictor["model"]
+    assert model["modelFormat"]["name"] == "onnx" and model["protocolVersion"] == "v2"
+    assert model["runtime"] == "kserve-tritonserver"
+    # One Triton repository (python -m imtext.export.triton) of one registered version.
+    model_name = PARAMS["register"]["model_name"]
+    assert re.fullmatch(
+        rf"s3://imtext-data/serving/{re.escape(model_name)}/[1-9][0-9]*", model["storageUri"]
+    )
+    # The v2 model names clients use are the repository's directories, as imtext serve's routes.
+    assert {TEXT_MODEL, IMAGE_MODEL} == {"text_encoder", "image_encoder"}
+    # The Triton release reads the export's ONNX (IR 10, opset 18 need ONNX Runtime >= 1.16,
+    # Triton 23.10 and later).
+    year, month = map(int, re.fullmatch(r"(\d\d)\.(\d\d)-py3", model["runtimeVersion"]).groups())
+    assert (year, month) >= (23, 10)
+    assert predictor["minReplicas"] >= 1  # no scale to zero: a cold start downloads the model
+
+
+@pytest.mark.parametrize(
+    ("where", "change", "why"),
+    [
+        ("model", {"storageURI": "s3://x/y"}, "Additional properties"),  # misspelt field
+        ("model", {"modelFormat": {"version": "1"}}, "'name' is a required property"),
+        ("model", {"protocolVersion": "v3"}, "protocolVersion 'v3'"),
+        ("model", {"resource": {}}, "Additional properties"),
+        ("model", {"resources": {"limits": {"cpu": []}}}, ""),  # a bad Container value
+        ("predictor", {"triton": {"storageUri": "s3://x/y"}}, "exactly one predictor"),
+        ("predictor", {"minReplicas": -1}, "less than the minimum"),
+        ("predictor", {"minReplicas": 3, "maxReplicas": 2}, "minReplicas 3 > maxReplicas 2"),
+        ("predictor", {"scaleMetric": "gpu"}, "is not one of"),
+        ("predictor", {"volumes": [{"name": "tmp", "emptyDir": {"size": "1Gi"}}]}, ""),
+        ("spec", {"predictors": {}}, "Additional properties"),
+    ],
+)
+def test_a_broken_inferenceservice_is_rejected(objects, where, change, why):
+    """Guards the validation above: each mistake fails it (the API server would drop a misspelt
+    field silently and KServe's webhook refuse the rest)."""
+    isvc = copy.deepcopy(one(objects, "InferenceService", ISVC))
+    target = {
+        "spec": isvc["spec"],
+        "predictor": isvc["spec"]["predictor"],
+        "model": isvc["spec"]["predictor"]["model"],
+    }[where]
+    target.update(change)
+    errors = (jsonschema.ValidationError, kubernetes_validate.ValidationError, AssertionError)
+    with pytest.raises(errors) as caught:
+        validate_inferenceservice(isvc)
+    message = getattr(caught.value, "message", None) or str(caught.value)
+    assert why in message
+
+
+def test_serving_reads_the_object_store_with_its_own_read_only_user(objects):
+    isvc = one(objects, "InferenceService", ISVC)
+    account = one(objects, "ServiceAccount", isvc["spec"]["predictor"]["serviceAccountName"])
+    assert {"name": SERVING_SECRET} in account["secrets"]
+    secret = one(objects, "Secret", SERVING_SECRET)
+    assert set(secret_data(secret)) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    # The endpoint KServe's storage initializer uses is the MinIO the pipeline writes to.
+    endpoint = urllib.parse.urlsplit(
+        secret_data(one(objects, "Secret", PIPELINE_SECRET))["MLFLOW_S3_ENDPOINT_URL"]
+    )
+    annotations = secret["metadata"]["annotations"]
+    assert annotations["serving.kserve.io/s3-endpoint"] == endpoint.netloc
+    assert annotations["serving.kserve.io/s3-usehttps"] == (
+        "1" if endpoint.scheme == "https" else "0"
+    )
+    # Its policy reads the Triton repositories and the galleries, and writes nothing.
+    policy = json.loads((K8S / "serving" / "policies" / "imtext-serving.json").read_text())
+    actions = {a for s in policy["Statement"] for a in s["Action"]}
+    assert actions == {"s3:GetBucketLocation", "s3:ListBucket", "s3:GetObject"}
+    readable = [
+        r for s in policy["Statement"] if "s3:GetObject" in s["Action"] for r in s["Resource"]
+    ]
+    assert sorted(readable) == [
+        "arn:aws:s3:::imtext-data/datasets/*",
+        "arn:aws:s3:::imtext-data/serving/*",
+    ]
+    uri = urllib.parse.urlsplit(isvc["spec"]["predictor"]["model"]["storageUri"])
+    assert f"arn:aws:s3:::{uri.netloc}/{uri.path.strip('/').split('/')[0]}/*" in readable
+    # The Job that makes the user takes its keys from the same secret.
+    job = one(objects, "Job", "imtext-serving-setup")
+    (c,) = job["spec"]["template"]["spec"]["containers"]
+    env = env_sources(c)
+    assert env["SERVING_ACCESS_KEY"] == (SERVING_SECRET, "AWS_ACCESS_KEY_ID")
+    assert env["SERVING_SECRET_KEY"] == (SERVING_SECRET, "AWS_SECRET_ACCESS_KEY")
+    assert "/policies/imtext-serving.json" in c["args"][0]
+
+
+def serve_help() -> str:
+    result = subprocess.run(
+        [sys.executable, "-m", "imtext.cli", "serve", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if result.returncode != 0 and "invalid choice" in result.stderr:
+        pytest.skip("`imtext serve` is not in this tree yet (issue 14, item 1)")
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_search_app_runs_imtext_serve_on_the_champion(objects):
+    deployment = one(objects, "Deployment", "imtext-search")
+    pod = deployment["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert c["image"] == PROJECT_IMAGE and c["args"][0] == "serve"
+    flags = dict(a.split("=", 1) for a in c["args"][1:])
+    register = PARAMS["register"]
+    assert flags["--model"] == f"models:/{register['model_name']}@{register['alias']}"
+    assert flags["--host"] == "0.0.0.0" and flags["--port"] == "8080"
+    assert {m["mountPath"]: m.get("readOnly", False) for m in c["volumeMounts"]}[flags["--gallery"]]
+    (port,) = c["ports"]
+    assert port["containerPort"] == 8080
+    service = one(objects, "Service", "imtext-search")
+    assert container_port(pod, service["spec"]["ports"][0]["targetPort"]) == 8080
+    assert (
+        service["spec"]["selector"].items()
+        <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    )
+    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    env = env_sources(c)
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        assert env[key] == (PIPELINE_SECRET, key)
+    # Artifacts come through MLflow's proxy: the app itself holds no object-store keys, only
+    # the init container that copies the gallery, with the read-only serving user.
+    assert not any(k.startswith("AWS_") for k in env) and "envFrom" not in c
+    (init,) = pod["initContainers"]
+    init_env = env_sources(init)
+    assert init_env["AWS_SECRET_ACCESS_KEY"] == (SERVING_SECRET, "AWS_SECRET_ACCESS_KEY")
+    assert init_env["GALLERY"].startswith("imtext-data/datasets/")
+
+
+def test_search_app_passes_only_flags_imtext_serve_has(objects):
+    (c,) = one(objects, "Deployment", "imtext-search")["spec"]["template"]["spec"]["containers"]
+    help_text = serve_help()
+    for flag in (a.split("=", 1)[0] for a in c["args"][1:]):
+        assert flag in help_text, f"`imtext serve` has no {flag}"
+
+
+def test_the_inferenceservice_can_be_left_out_as_the_readme_says(tmp_path):
+    """k8s/README.md, "Serving": an overlay for a cluster without KServe deletes it."""
+    readme = (K8S / "README.md").read_text()
+    snippet = readme.split("A cluster without KServe")[1].split("```yaml\n")[1].split("```")[0]
+    kustomization = yaml.safe_load(snippet) | {
+        "resources": [os.path.relpath(K8S / "overlays" / "local", tmp_path)]
+    }
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    result = subprocess.run(
+        [kubectl(), "kustomize", str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    kinds = [doc["kind"] for doc in yaml.safe_load_all(result.stdout) if doc]
+    assert "InferenceService" not in kinds
+    assert len(kinds) == len(render("local")) - 1

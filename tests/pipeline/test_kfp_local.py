@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 STEPS = ("prepare", "pretrain", "finetune", "evaluate", "export", "register", "promote")
 #: Shrinks the work past training as well (the tiny sizes of tiny_params cover training).
-FAST = ["--set", "evaluate.report_queries=2", "--set", "export.quantize=false"]
+FAST = ["--set", "evaluate.report_queries=2", "--set", "export.quantize=none"]
 
 
 @pytest.fixture

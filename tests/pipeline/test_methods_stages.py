@@ -25,7 +25,7 @@ from tests.smoke.test_methods import METHODS, RANK_ONLY
 pytestmark = pytest.mark.slow
 
 #: The work past training, shrunk (the tiny model and data of small_params cover training).
-FAST = ["evaluate.report_queries=2", "export.quantize=false"]
+FAST = ["evaluate.report_queries=2", "export.quantize=none"]
 
 
 def method_overrides(name: str) -> list[str]:
@@ -89,7 +89,7 @@ def shapes(tmp_path_factory) -> Path:
 
 
 def without_int8_outs(dvc_yaml: dict) -> dict:
-    """dvc.yaml for ``export.quantize: false``: without the INT8 encoders among export's outs (as
+    """dvc.yaml for ``export.quantize: none``: without the INT8 encoders among export's outs (as
     the comment in dvc.yaml says to do)."""
     outs = dvc_yaml["stages"]["export"]["outs"]
     names = [out if isinstance(out, str) else next(iter(out)) for out in outs]

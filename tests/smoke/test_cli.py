@@ -32,7 +32,7 @@ def test_help_explains_every_command():
 
 def test_every_stage_and_tool_is_a_subcommand_with_help():
     top = imtext("--help").stdout
-    for command in "evaluate export register promote plots ui pipeline ablate".split():
+    for command in "evaluate export register promote plots ui serve pipeline ablate".split():
         assert f"    {command} " in top, f"`imtext {command}` is missing from imtext --help"
     pipeline = imtext("pipeline", "--help").stdout
     assert all(c in pipeline for c in ("compile", "run", "submit"))

@@ -3,6 +3,7 @@ failed check that stops the stage."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -23,7 +24,13 @@ from imtext.export.runtime import InputError, OnnxEncoders
 from imtext.train.checkpoint import load_model
 
 CFG = ExportConfig(
-    opset=18, parity_tolerance=1e-4, recall_split="test", recall_tolerance=0.5, quantize=True
+    exporter="torchscript",
+    opset=18,
+    parity_tolerance=1e-4,
+    recall_split="test",
+    recall_tolerance=0.5,
+    quantize="static",
+    calibration_images=16,
 )
 ONNX_FILES = {
     "image_encoder.onnx",
@@ -156,7 +163,7 @@ def test_a_failed_parity_check_stops_the_export_and_keeps_only_the_evidence(
 
     monkeypatch.setattr(exporter, "torch_runner", perturbed_runner)
     out = tmp_path / "export"
-    cfg = ExportConfig(18, 1e-4, "test", 0.5, quantize=False)
+    cfg = dataclasses.replace(CFG, quantize="none")
     with pytest.raises(ImtextError, match=r"image encoder: max \|ONNX Runtime - PyTorch\| 0\.001"):
         export(cfg, tiny_model_file, tiny_prepared, out)
     assert sorted(path.name for path in out.iterdir()) == [MARKER, "parity.json"]
@@ -179,8 +186,7 @@ def test_a_recall_disagreement_stops_the_export(
         return lambda batch: run(batch)[::-1].copy()
 
     monkeypatch.setattr(exporter, "torch_runner", shuffled_runner)
-    cfg = ExportConfig(18, parity_tolerance=10.0, recall_split="test", recall_tolerance=0.0,
-                       quantize=False)  # fmt: skip
+    cfg = dataclasses.replace(CFG, parity_tolerance=10.0, recall_tolerance=0.0, quantize="none")
     with pytest.raises(ImtextError, match="recall: rsum from ONNX embeddings .* differs by"):
         export(cfg, tiny_model_file, tiny_prepared, tmp_path / "export")
 
@@ -191,6 +197,50 @@ def test_an_opset_the_exporter_cannot_write_is_a_config_error(model, tmp_path):
     ):
         export_onnx(TextEncoder(model), torch.zeros(2, 8, dtype=torch.int64), 17, tmp_path / "t")
     assert not (tmp_path / "t").exists()
+
+
+def test_the_dynamo_exporter_passes_the_same_checks(tiny_model_file, tiny_prepared, tmp_path):
+    """torch.export's exporter, the alternative to the default TorchScript one (export.exporter)."""
+    cfg = dataclasses.replace(CFG, exporter="dynamo", quantize="none")
+    metrics = export(cfg, tiny_model_file, tiny_prepared, tmp_path / "export")
+    report = json.loads((tmp_path / "export" / "parity.json").read_text())
+    assert report["passed"] and report["exporter"].startswith("torch.onnx.export(dynamo=True)")
+    assert metrics["parity_max_abs_diff_image"] <= cfg.parity_tolerance
+    assert metrics["onnx_rsum"] == metrics["torch_rsum"]
+
+
+def test_static_int8_is_calibrated_qdq_and_recorded(exported):
+    out, metrics = exported
+    model = onnx.load(str(out / "image_encoder.int8.onnx"))
+    ops = {node.op_type for node in model.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops and "ConvInteger" not in ops
+    spec = json.loads((out / "preprocess.json").read_text())
+    assert spec["int8"]["quantization"] == "static"
+    report = json.loads((out / "parity.json").read_text())
+    assert report["int8"]["quantization"] == "static"
+    assert report["int8"]["calibration_images"] == CFG.calibration_images
+    assert metrics["int8_max_abs_diff_image"] < 0.5
+    # Nothing of the quantizer's working files is left in the export.
+    assert not [path.name for path in out.iterdir() if path.suffix in (".in", ".pre")]
+
+
+def test_calibration_rows_are_spread_over_the_split_and_never_repeat():
+    assert exporter.evenly_spaced(3, 10).tolist() == [0, 4, 9]
+    assert exporter.evenly_spaced(20, 5).tolist() == [0, 1, 2, 3, 4]
+    assert exporter.evenly_spaced(1, 7).tolist() == [0]
+
+
+def test_dynamic_int8_quantizes_the_weights_and_each_call(exported, tmp_path):
+    out, _ = exported
+    exporter.quantize_dynamic_encoder(out / "image_encoder.onnx", tmp_path / "dynamic.onnx")
+    model = onnx.load(str(tmp_path / "dynamic.onnx"))
+    ops = {node.op_type for node in model.graph.node}
+    assert {"ConvInteger", "DynamicQuantizeLinear"} <= ops and "QuantizeLinear" not in ops
+    session = ort.InferenceSession(
+        str(tmp_path / "dynamic.onnx"), providers=["CPUExecutionProvider"]
+    )
+    (embeddings,) = session.run(None, {"images": np.zeros((2, 3, 32, 32), np.float32)})
+    assert embeddings.shape == (2, 16) and np.isfinite(embeddings).all()
 
 
 @pytest.fixture(scope="module")
@@ -215,7 +265,7 @@ def test_the_similarity_network_exports_codes_and_its_pair_scorer(
 ):
     from imtext.train.scoring import score_split
 
-    cfg = ExportConfig(**{**CFG.__dict__, "quantize": False})
+    cfg = dataclasses.replace(CFG, quantize="none")
     out = tmp_path / "export"
     messages: list[str] = []
     metrics = export(cfg, similarity_model_file, tiny_prepared, out, log=messages.append)
@@ -278,11 +328,10 @@ def gru_model_file(tiny_prepared: Path, tmp_path_factory) -> Path:
     return path
 
 
-@pytest.mark.slow  # torch.export unrolls the GRU over the 32 positions: a minute or two
 def test_the_gru_text_encoder_exports_with_the_same_contract_and_checks(
     gru_model_file, tiny_prepared, test_split, tmp_path
 ):
-    cfg = ExportConfig(**{**CFG.__dict__, "quantize": False})
+    cfg = dataclasses.replace(CFG, quantize="none")
     out = tmp_path / "export"
     messages: list[str] = []
     metrics = export(cfg, gru_model_file, tiny_prepared, out, log=messages.append)

@@ -125,3 +125,22 @@ def test_non_finite_floats_are_refused_naming_the_setting(section, key, text):
         ConfigError, match=rf"params.yaml: {section}\.{key}: expected a finite number"
     ):
         stage_config_from_params(section, params, "params.yaml")
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        # The former boolean: an error that lists the values, not a silent guess at a method.
+        ("export.quantize=true", "export.quantize: True is not one of 'static', 'dynamic', 'none'"),
+        ("export.quantize=int8", "export.quantize: 'int8' is not one of"),
+        ("export.calibration_images=0", "export.calibration_images: must be at least 1, got 0"),
+    ],
+)
+def test_export_quantization_settings_are_checked(override, message):
+    from imtext.config import apply_overrides, stage_config_from_params
+
+    params = apply_overrides(read_params(REPO / "params.yaml"), [override])
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        stage_config_from_params("export", params, "params.yaml")
+    cfg = stage_config_from_params("export", read_params(REPO / "params.yaml"))
+    assert (cfg.quantize, cfg.calibration_images) == ("static", 512)

@@ -122,7 +122,7 @@ def test_a_sentence_without_words_names_its_index():
 
 
 def test_spec_round_trips_through_json_and_describes_the_training_preprocessing():
-    spec = export_spec(image_size=32, max_len=32, embed_dim=16, int8=True)
+    spec = export_spec(image_size=32, max_len=32, embed_dim=16, int8="static")
     again = ExportSpec.from_dict(json.loads(json.dumps(spec.to_dict())), "preprocess.json")
     assert again == spec
     assert (spec.image.size, spec.embed_dim, spec.text.max_len) == (32, 16, 32)
@@ -131,13 +131,13 @@ def test_spec_round_trips_through_json_and_describes_the_training_preprocessing(
     assert spec.image.scale == pytest.approx(1 / 255)
     assert set(spec.notes) == {"image", "text", "output", "pair_scorer"}
     assert (spec.similarity, spec.pair_scorer) == ("dot", "pair_scorer.onnx")
-    network = export_spec(32, 32, 16, int8=False, similarity="network")
+    network = export_spec(32, 32, 16, int8=None, similarity="network")
     assert "NOT embeddings" in network.notes["output"]
     assert ExportSpec.from_dict(network.to_dict(), "p.json") == network
 
 
 def test_spec_rejects_other_versions_and_missing_keys():
-    values = export_spec(32, 32, 16, int8=False).to_dict()
+    values = export_spec(32, 32, 16, int8=None).to_dict()
     with pytest.raises(InputError, match="format_version 99"):
         ExportSpec.from_dict({**values, "format_version": 99}, "x.json")
     with pytest.raises(InputError, match="resize_passes 'one_pass' is not supported"):

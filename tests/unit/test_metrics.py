@@ -4,8 +4,13 @@ import numpy as np
 import pytest
 import torch
 
+from imtext.eval import metrics as metrics_module
 from imtext.eval.metrics import (
+    Tiling,
+    band_tiles,
     default_chunk_size,
+    match_cells,
+    matching_caption_runs,
     per_query_ranks,
     recall_curve,
     reference_ranks,
@@ -201,3 +206,95 @@ def test_numpy_and_mixed_dtype_inputs_give_the_same_ranks():
     np.testing.assert_array_equal(got[1], expected[1])
     ints = per_query_ranks(IMAGES.long(), TEXTS.long(), TEXT_TO_IMAGE)
     np.testing.assert_array_equal(ints[1], expected[1])
+
+
+# --- the tiled single-GEMM path (issue 17) ---------------------------------------------------
+
+
+def _twenty_bit_values(rng, n, dim):
+    """float32 values +-[1, 2) with 20 significant bits: float32 products and sums round, but in
+    float64 every score of dim <= 64 is exact (products are multiples of 2^-38 below 4)."""
+    signs = rng.choice([-1.0, 1.0], size=(n, dim))
+    return (signs * (1 + rng.integers(0, 2**19, size=(n, dim)) / 2**19)).astype(np.float32)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_twin_embeddings_tie_wherever_their_tiles_lie(seed):
+    # Float32 scores are rounded here, so a twin ties its original only if both are scored by the
+    # same arithmetic: the same tile shape and a position-independent kernel. The tail tile and
+    # small chunk sizes put twins in different row blocks and column tiles.
+    rng = np.random.default_rng(seed)
+    n_img, dim = 23, 48
+    text_to_image = np.repeat(np.arange(n_img), rng.integers(1, 5, n_img))
+    rng.shuffle(text_to_image)
+    images, texts = (
+        _twenty_bit_values(rng, n_img, dim),
+        _twenty_bit_values(rng, len(text_to_image), dim),
+    )
+    images[[22, 13, 9, 6]] = images[[0, 1, 2, 3]]
+    texts[-3:] = texts[:3]
+    images64, texts64 = images.astype(np.float64), texts.astype(np.float64)
+    assert ((images @ texts.T).astype(np.float64) != images64 @ texts64.T).any()  # rounding occurs
+    exact = reference_ranks(images64, texts64, text_to_image)
+    for chunk_size in (1, 3, 5, 7, None):
+        got = per_query_ranks(images, texts, text_to_image, chunk_size=chunk_size)
+        np.testing.assert_array_equal(got[0], exact[0])
+        np.testing.assert_array_equal(got[1], exact[1])
+    # the twin of a caption's image ties with it, and ties count against the query
+    assert (exact[1][text_to_image == 0] >= 2).all()
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_galleries_equal_the_reference_loop(seed):
+    """Random shapes, 1 to 12 captions per image, unsorted ids, person identities every third
+    seed; small integer embeddings, so scores are exact and ties are everywhere."""
+    rng = np.random.default_rng(1000 + seed)
+    n_img = int(rng.integers(1, 40))
+    n_txt = n_img * int(rng.integers(1, 13))
+    n_ids = int(rng.integers(1, n_img + 1)) if seed % 3 == 0 else None
+    images, texts, text_to_image, image_ids = _random_case(
+        rng, n_img, max(n_txt, n_ids or 0), int(rng.integers(1, 6)), n_ids, duplicates=2
+    )
+    expected = reference_ranks(images, texts, text_to_image, image_ids)
+    for chunk_size in (None, 1, int(rng.integers(1, n_img + 1))):
+        got = per_query_ranks(images, texts, text_to_image, image_ids, chunk_size=chunk_size)
+        np.testing.assert_array_equal(got[0], expected[0])
+        np.testing.assert_array_equal(got[1], expected[1])
+
+
+@pytest.mark.parametrize("cache_bytes", [0, 8 * 8 * 8])
+def test_band_tiles_beyond_the_cache_are_scored_again_with_the_same_ranks(monkeypatch, cache_bytes):
+    rng = np.random.default_rng(5)
+    images, texts, text_to_image, image_ids = _random_case(rng, 30, 90, 3, n_ids=12)
+    expected = reference_ranks(images, texts, text_to_image, image_ids)
+    monkeypatch.setattr(metrics_module, "BAND_CACHE_BYTES", cache_bytes)  # 0 or one 8x8 tile
+    got = per_query_ranks(images, texts, text_to_image, image_ids, chunk_size=2)
+    np.testing.assert_array_equal(got[0], expected[0])
+    np.testing.assert_array_equal(got[1], expected[1])
+
+
+def test_band_holds_every_matching_pair_and_match_cells_find_them():
+    rng = np.random.default_rng(2)
+    image_ids = np.sort(rng.integers(0, 15, size=40))
+    text_ids = np.sort(np.concatenate([np.unique(image_ids), rng.choice(image_ids, 100)]))
+    tiling = Tiling.for_sizes(len(image_ids), len(text_ids), 3, 4)
+    assert tiling.rows % 8 == 0 and tiling.cols % 8 == 0
+    start, stop = matching_caption_runs(image_ids, text_ids)
+    band = band_tiles(start, stop, tiling)
+    found = set()
+    for block, tile in band:
+        rows, cols = tiling.images_of(block), tiling.texts_of(tile)
+        r, c = match_cells(start[rows], stop[rows], cols.start, cols.stop)
+        found.update(zip((r + rows.start).tolist(), (c + cols.start).tolist(), strict=True))
+    expected = set(zip(*np.nonzero(image_ids[:, None] == text_ids[None, :]), strict=True))
+    assert found == {(int(r), int(c)) for r, c in expected}
+    # each block's band is the run of column tiles between its first and last match, no more
+    assert len(band) < 2 * len(range(0, len(image_ids), tiling.rows)) + len(text_ids) // tiling.cols
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_counts_stay_exact_past_256(dtype):
+    # a collapsed model: 299 non-matching ties per query, more than bfloat16 counts exactly
+    same = torch.ones(300, 4, dtype=dtype)
+    i2t, t2i = per_query_ranks(same, same, np.arange(300))
+    assert set(i2t.tolist()) == set(t2i.tolist()) == {300}

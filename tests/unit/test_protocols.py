@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from imtext.eval.metrics import retrieval_metrics
+from imtext.eval.metrics import reference_ranks, retrieval_metrics
 from imtext.eval.protocols import PROTOCOLS, evaluate_protocol
 
 
@@ -86,3 +86,31 @@ def test_unknown_protocol_lists_the_valid_ones():
     with pytest.raises(ValueError, match="unknown protocol 'coco_5k'.*full, coco_1k, cuhk"):
         evaluate_protocol(images, images, [0, 1], "coco_5k")
     assert PROTOCOLS == ("full", "coco_1k", "cuhk")
+
+
+def _metrics_of_ranks(i2t, t2i, ks=(1, 5, 10)):
+    """retrieval_metrics' keys computed from given ranks, the plain way."""
+    out = {}
+    for name, ranks in (("i2t", i2t), ("t2i", t2i)):
+        out.update({f"{name}_r{k}": 100.0 * np.mean(ranks <= k) for k in ks})
+    for stat, fn in (("medr", np.median), ("meanr", np.mean)):
+        out.update({f"{name}_{stat}": float(fn(r)) for name, r in (("i2t", i2t), ("t2i", t2i))})
+    out["rsum"] = sum(out[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in ks)
+    return out
+
+
+def test_cuhk_ties_between_people_count_against_the_query():
+    # 30 people with 1-4 images each; person 7's first image duplicates person 3's first image,
+    # so captions of either person tie with the other's image, and some captions duplicate
+    # captions of other people. Integer embeddings: exact scores, many further ties.
+    rng = np.random.default_rng(4)
+    image_ids = np.repeat(np.arange(30), rng.integers(1, 5, 30)) + 500
+    text_to_image = rng.choice(np.unique(image_ids), size=150)
+    text_to_image[:30] = np.unique(image_ids)
+    images = rng.integers(-2, 3, size=(len(image_ids), 6)).astype(np.float32)
+    texts = rng.integers(-2, 3, size=(150, 6)).astype(np.float32)
+    images[np.flatnonzero(image_ids == 507)[0]] = images[np.flatnonzero(image_ids == 503)[0]]
+    texts[140:] = texts[:10]
+    i2t, t2i = reference_ranks(images, texts, text_to_image, image_ids)
+    got = evaluate_protocol(images, texts, text_to_image, "cuhk", image_ids=image_ids)
+    assert got == pytest.approx(_metrics_of_ranks(i2t, t2i))

@@ -25,21 +25,42 @@ the top K.
   queries gives the mean of the two middle ranks (2.5 is possible); ``_meanr``: the mean rank;
 * ``rsum``: the sum of every R@K of both directions.
 
-Memory: scores are computed one chunk of queries at a time (a ``chunk_size x n_candidates`` score
-matrix on the device of the embeddings), so 100,000 images x 500,000 captions fits in a few GB. The
-default chunk keeps one score matrix near 256 MiB; the masks and a masked copy made while ranking
-it bring the peak to about 2.5 times that for float32.
+Computation: one pass of matrix products over equal-shape tiles of the score matrix (:class:`Tiling`)
+serves both directions, on the device of the embeddings. Images and captions are sorted by id, so
+the matching pairs fall in a narrow band of tiles along the diagonal. The band is scored first and
+kept: its matching scores give each image's and each caption's best match, read from the very tiles
+the counts compare against, so no rounding difference between two ways of computing a score can
+split a tie. Then every tile adds, per row and per column, the non-matching scores that reach that
+best match. Each score is computed once: the cost is one product of the two embedding matrices plus
+a few percent (``bench/bench_metrics.py`` measures the ratio to a bare ``torch.mm``).
+
+Memory beyond the inputs: the band (about ``N_txt x rows + 2 x N_img x cols`` scores, capped at
+:data:`BAND_CACHE_BYTES`; band tiles past the cap are scored a second time instead), two tile
+buffers, and an id-sorted copy of the embeddings unless the ids are sorted already. 20,000 images x
+100,000 captions of dim 256 in float32 take about 0.4 GiB.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 SCORE_CHUNK_BYTES = 256 * 2**20
-"""Size of one chunk's score matrix when ``chunk_size`` is not given."""
+"""Bound on one row of score tiles (a tile's images x every caption) when ``chunk_size`` is not
+given; it caps the tile height for very many captions."""
+
+TILE_IMAGES = 2048
+"""Images per score tile when ``chunk_size`` is not given (tiles hold twice as many captions).
+Large tiles keep BLAS at full speed and make few calls: on a CPU shared with other jobs every
+multithreaded call can stall on a descheduled thread, and a tile costs five calls. The band of
+tiles kept between the passes grows with the tile, but :data:`SCORE_CHUNK_BYTES` bounds it."""
+
+BAND_CACHE_BYTES = 2**30
+"""Band tiles kept between the threshold pass and the counting pass; those beyond it are scored
+twice (slower, same ranks)."""
 
 DIRECTIONS = ("i2t", "t2i")
 
@@ -100,10 +121,24 @@ def per_query_ranks(
     """
     images, texts = as_embedding_tensors(image_emb, text_emb)
     image_id_arr, text_id_arr = validated_ids(text_to_image, image_ids, len(images), len(texts))
-    image_id_t = torch.from_numpy(image_id_arr).to(images.device)
-    text_id_t = torch.from_numpy(text_id_arr).to(images.device)
-    i2t = _chunked_ranks(images, texts, image_id_t, text_id_t, chunk_size)
-    t2i = _chunked_ranks(texts, images, text_id_t, image_id_t, chunk_size)
+    # Sorting both sides by id puts every image's matching captions in one run of columns, so the
+    # tiles that hold matching pairs form a narrow band along the diagonal.
+    image_order = np.argsort(image_id_arr, kind="stable")
+    text_order = np.argsort(text_id_arr, kind="stable")
+    match_start, match_stop = matching_caption_runs(
+        image_id_arr[image_order], text_id_arr[text_order]
+    )
+    tiling = Tiling.for_sizes(len(images), len(texts), chunk_size, images.element_size())
+    i2t_sorted, t2i_sorted = tiled_ranks(
+        rows_in_order(images, image_order),
+        rows_in_order(texts, text_order),
+        match_start,
+        match_stop,
+        tiling,
+    )
+    i2t = np.empty(len(images), dtype=np.int64)
+    t2i = np.empty(len(texts), dtype=np.int64)
+    i2t[image_order], t2i[text_order] = i2t_sorted, t2i_sorted
     return i2t, t2i
 
 
@@ -154,35 +189,212 @@ def _reference_rank(scores: np.ndarray, is_match: np.ndarray) -> int:
     return 1 + int(np.count_nonzero(non_matching_scores >= best_match))
 
 
-def _chunked_ranks(
-    queries: torch.Tensor,
-    candidates: torch.Tensor,
-    query_ids: torch.Tensor,
-    candidate_ids: torch.Tensor,
-    chunk_size: int | None,
-) -> np.ndarray:
-    """Ranks of (N_q, D) queries among (N_c, D) candidates; ids (N_q,) and (N_c,). Returns (N_q,)."""
-    if chunk_size is None:
-        chunk_size = default_chunk_size(len(candidates), candidates.element_size())
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    ranks = torch.empty(len(queries), dtype=torch.int64, device=queries.device)
-    for start in range(0, len(queries), chunk_size):
-        stop = start + chunk_size
-        scores = queries[start:stop] @ candidates.T
-        ranks[start:stop] = _ranks_from_scores(scores, query_ids[start:stop], candidate_ids)
-    return ranks.cpu().numpy()
+@dataclass(frozen=True)
+class Tiling:
+    """The score matrix (images x captions, both sorted by id) cut into equal ``rows x cols`` tiles.
+
+    Ties must come out as ties: an image that duplicates a caption's ground-truth image must score
+    that caption bitwise alike, wherever the two sit. BLAS libraries pick kernels, and with them
+    the rounding, by shape and position (MKL computes a one-row product with a matrix-vector kernel,
+    and the last rows of a tile whose height is not a multiple of 4 along another path; GPUs split
+    long sums by shape). So every tile is one ``torch.mm`` of the same shape (the last row and
+    column of tiles are zero-padded), with both sides a multiple of 8.
+    """
+
+    rows: int
+    cols: int
+    n_images: int
+    n_texts: int
+
+    @classmethod
+    def for_sizes(
+        cls, n_images: int, n_texts: int, chunk_size: int | None, element_size: int
+    ) -> Tiling:
+        """Tiles of ``chunk_size`` images (default: :data:`TILE_IMAGES`, fewer when one row of
+        tiles would pass :data:`SCORE_CHUNK_BYTES`) x twice as many captions."""
+        if chunk_size is None:
+            chunk_size = min(TILE_IMAGES, default_chunk_size(n_texts, element_size))
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        return cls(
+            rows=round_up(balanced_tile(n_images, chunk_size), 8),
+            # also: MKL runs some 20% slower on widths that are not a multiple of 8
+            cols=round_up(balanced_tile(n_texts, 2 * chunk_size), 8),
+            n_images=n_images,
+            n_texts=n_texts,
+        )
+
+    def images_of(self, block: int) -> slice:
+        """The real (unpadded) sorted images of row block ``block``."""
+        return slice(block * self.rows, min((block + 1) * self.rows, self.n_images))
+
+    def texts_of(self, tile: int) -> slice:
+        """The real sorted captions of column tile ``tile``."""
+        return slice(tile * self.cols, min((tile + 1) * self.cols, self.n_texts))
 
 
-def _ranks_from_scores(
-    scores: torch.Tensor, query_ids: torch.Tensor, candidate_ids: torch.Tensor
-) -> torch.Tensor:
-    """Ranks (C,) from a (C, N_c) score matrix; every query has at least one matching candidate."""
-    non_matches = query_ids[:, None] != candidate_ids[None, :]
-    best_match = scores.masked_fill(non_matches, -torch.inf).amax(dim=1, keepdim=True)
-    # >= rather than >: a non-matching candidate tying the best match ranks above it (pessimistic).
-    beaten_by = (scores >= best_match).logical_and_(non_matches).sum(dim=1)
-    return 1 + beaten_by
+def tiled_ranks(
+    images: torch.Tensor,
+    texts: torch.Tensor,
+    match_start: np.ndarray,
+    match_stop: np.ndarray,
+    tiling: Tiling,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Ranks (N_img,) and (N_txt,) of id-sorted images and captions, each score computed once.
+
+    Sorted image ``r`` matches captions ``match_start[r]:match_stop[r]``. Each tile serves both
+    directions: its rows count the captions that reach each image's best match, its columns the
+    images that reach each caption's. Those thresholds come from the band tiles (the ones holding
+    matching pairs), so the band is scored first, read for thresholds and kept; then every tile is
+    counted, band tiles from the cache and the others scored as they come.
+    """
+    image_tiles = padded_tiles(images, tiling.rows)
+    text_tiles = padded_tiles(texts, tiling.cols)
+    band = band_tiles(match_start, match_stop, tiling)
+    image_best = images.new_full((tiling.n_images,), -torch.inf)
+    text_best = texts.new_full((tiling.n_texts,), -torch.inf)
+
+    def score_band_tile(block: int, tile: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        scores = torch.mm(image_tiles[block], text_tiles[tile].T, out=out)
+        rows, cols = tiling.images_of(block), tiling.texts_of(tile)
+        cells = match_cells(match_start[rows], match_stop[rows], cols.start, cols.stop)
+        take_matches(scores, cells, image_best[rows], text_best[cols])
+        return scores
+
+    cache = {}
+    for block, tile in band:
+        scores = score_band_tile(block, tile)
+        if (len(cache) + 1) * scores.nbytes <= BAND_CACHE_BYTES:
+            cache[block, tile] = scores
+
+    image_beaten = torch.zeros(tiling.n_images, dtype=torch.int64, device=images.device)
+    text_beaten = torch.zeros(tiling.n_texts, dtype=torch.int64, device=images.device)
+    work = images.new_empty((tiling.rows, tiling.cols))
+    # float32 even for half-precision scores: bfloat16 counts exactly only up to 256
+    flags = torch.empty_like(work, dtype=torch.float32)
+    for block in range(len(image_tiles)):
+        rows = tiling.images_of(block)
+        for tile in range(len(text_tiles)):
+            cols = tiling.texts_of(tile)
+            scores = cache.pop((block, tile), None)
+            if scores is None and (block, tile) in band:  # the cache was full: score it again
+                scores = score_band_tile(block, tile, out=work)
+            elif scores is None:
+                scores = torch.mm(image_tiles[block], text_tiles[tile].T, out=work)
+            real = (slice(rows.stop - rows.start), slice(cols.stop - cols.start))  # no padding
+            count_beaten(
+                scores[real],
+                image_best[rows],
+                text_best[cols],
+                image_beaten[rows],
+                text_beaten[cols],
+                flags[real],
+            )
+    return (1 + image_beaten).cpu().numpy(), (1 + text_beaten).cpu().numpy()
+
+
+def band_tiles(match_start: np.ndarray, match_stop: np.ndarray, tiling: Tiling) -> set:
+    """(row block, column tile) of every tile that holds a matching pair.
+
+    With both sides sorted by id, a row block's matching captions are one run of columns (the
+    captions of its first image's id through those of its last), hence one run of column tiles.
+    """
+    band = set()
+    for block in range(-(-tiling.n_images // tiling.rows)):
+        rows = tiling.images_of(block)
+        first_tile = match_start[rows.start] // tiling.cols
+        last_tile = (match_stop[rows.stop - 1] - 1) // tiling.cols
+        band.update((block, int(tile)) for tile in range(first_tile, last_tile + 1))
+    return band
+
+
+def match_cells(
+    match_start: np.ndarray, match_stop: np.ndarray, col0: int, col1: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column, within a tile of captions ``col0:col1``, of every matching pair in it;
+    ``match_start`` and ``match_stop`` are the matching runs of the tile's images."""
+    lo = np.clip(match_start, col0, col1)
+    per_row = np.clip(match_stop, col0, col1) - lo
+    rows = np.repeat(np.arange(len(lo)), per_row)
+    # the position of each cell within its row's run of matching columns
+    within_run = np.arange(len(rows)) - np.repeat(np.cumsum(per_row) - per_row, per_row)
+    return rows, lo[rows] - col0 + within_run
+
+
+def take_matches(
+    scores: torch.Tensor,
+    cells: tuple[np.ndarray, np.ndarray],
+    image_best: torch.Tensor,
+    text_best: torch.Tensor,
+) -> None:
+    """Raise the tile's images' and captions' best matching scores to its matching ``cells``, then
+    set those cells to NaN: NaN compares false with everything, so no count sees a matching pair.
+
+    The thresholds are read from the tile itself rather than from separate dot products, which
+    round differently and would break near-ties differently from the scores they are compared to.
+    """
+    rows, cols = (torch.from_numpy(c).to(scores.device) for c in cells)
+    matching = scores[rows, cols]
+    image_best.scatter_reduce_(0, rows, matching, reduce="amax")
+    text_best.scatter_reduce_(0, cols, matching, reduce="amax")
+    scores[rows, cols] = torch.nan
+
+
+def count_beaten(
+    scores: torch.Tensor,
+    image_best: torch.Tensor,
+    text_best: torch.Tensor,
+    image_beaten: torch.Tensor,
+    text_beaten: torch.Tensor,
+    flags: torch.Tensor,
+) -> None:
+    """Add, per image (row) and per caption (column) of a tile's (R, C) ``scores``, the scores that
+    reach (>=: ties count against the query) that query's best matching score.
+
+    ``flags`` is an (R, C) float32 buffer. The comparisons write 0.0/1.0 into it rather than bool,
+    which torch's CPU kernels produce about four times faster; float32 sums of 0/1 are exact up to
+    2^24, far more than a tile row or column.
+    """
+    image_beaten += torch.ge(scores, image_best[:, None], out=flags).sum(1).long()
+    text_beaten += torch.ge(scores, text_best[None, :], out=flags).sum(0).long()
+
+
+def balanced_tile(n: int, max_size: int) -> int:
+    """Tile length <= ``max_size`` cutting ``n`` into equal tiles with the least padding."""
+    n_tiles = -(-n // max_size)
+    return -(-n // n_tiles)
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def padded_tiles(emb: torch.Tensor, size: int) -> list[torch.Tensor]:
+    """(N, D) rows cut into contiguous (size, D) tiles, the last one padded with zero rows."""
+    tiles = list(emb.split(size))
+    if len(tiles[-1]) < size:
+        tail = emb.new_zeros((size, emb.shape[1]))
+        tail[: len(tiles[-1])] = tiles[-1]
+        tiles[-1] = tail
+    return tiles
+
+
+def rows_in_order(emb: torch.Tensor, order: np.ndarray) -> torch.Tensor:
+    """``emb[order]`` as a contiguous tensor, without a copy when that is ``emb`` itself."""
+    if np.array_equal(order, np.arange(len(order))):
+        return emb.contiguous()
+    return emb[torch.from_numpy(order).to(emb.device)]
+
+
+def matching_caption_runs(
+    sorted_image_ids: np.ndarray, sorted_text_ids: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """For each image of id-sorted images, its matching captions among id-sorted captions: the
+    run ``start[r]:stop[r]``, arrays of shape (N_img,)."""
+    return (
+        np.searchsorted(sorted_text_ids, sorted_image_ids, side="left"),
+        np.searchsorted(sorted_text_ids, sorted_image_ids, side="right"),
+    )
 
 
 def default_chunk_size(n_candidates: int, element_size: int) -> int:

@@ -6,7 +6,7 @@ Output directory (written into a temporary sibling, swapped in at the end):
 |---|---|
 | ``image_encoder.onnx`` | input ``images`` float32 (N, 3, S, S) -> ``embeddings`` (N, D), L2-normalised |
 | ``text_encoder.onnx`` | input ``tokens`` int64 (N, L) -> ``embeddings`` (N, D), L2-normalised |
-| ``*.int8.onnx`` | with ``export.quantize``: both, INT8 dynamic quantization (weights int8, CPU) |
+| ``*.int8.onnx`` | with ``export.quantize`` ``static`` or ``dynamic``: both encoders in INT8 (CPU) |
 | ``pair_scorer.onnx`` | ``image_codes``, ``text_codes`` (N, D) -> ``scores`` (N,): a dot product, or the similarity network's fusion |
 | ``preprocess.json``, ``vocab.json`` | what a client needs to build the inputs (``imtext.export.runtime``) |
 | ``parity.json`` | every check below, its tolerance and the provider it ran on |
@@ -35,17 +35,29 @@ Checks, on every image and caption of ``export.recall_split``:
    from Pillow's and torchvision's rounding) and its rsum are recorded, not judged;
 4. INT8 encoders, when written: their max difference and rsum, recorded, not judged.
 
+INT8 (``export.quantize``): ``static`` writes QDQ models (``onnxruntime.quantization.quantize_static``
+after ``quant_pre_process``): weights int8 per output channel, activations uint8 with ranges
+calibrated on ``export.calibration_images`` training images and as many training captions, each
+preprocessed exactly as ``preprocess.json`` says (the runtime's own functions). ONNX Runtime fuses
+the QDQ pairs into QLinearConv / QGemm, which use VNNI where the CPU has it. ``dynamic`` quantizes
+only the weights ahead of time and each activation at every call (ConvInteger): smaller, but slower
+than float32 on the CPU (``bench/README.md``).
+
 A failed check 1-3 replaces the output directory with one holding only ``parity.json`` (so no
 unverified encoder can be served or registered) and raises :class:`~imtext.errors.ImtextError`.
 
-Exporter: ``torch.onnx.export(dynamo=True)`` (torch.export), the maintained exporter and the
-default since PyTorch 2.9; the TorchScript one is deprecated. It writes opset 18 and newer; a lower
-``export.opset`` cannot be converted for this model (``Pad``), and the exporter would silently keep
-18, so that is an error here. PyTorch runs on the CPU in float32: the reference.
+Exporter (``export.exporter``): ``torchscript`` (``torch.onnx.export(dynamo=False)``) by default:
+on the default model it writes the three files 12-19x faster than ``dynamo`` (torch.export,
+which traces and optimises the whole program), and both pass every check above with the same
+differences (``bench/README.md``). PyTorch deprecates the TorchScript exporter, so ``dynamo`` stays
+one setting away and is tested too. Both write opset 18 and newer here; a lower ``export.opset``
+cannot be converted for this model by the dynamo exporter (``Pad``), which would silently keep 18,
+so that is an error. PyTorch runs on the CPU in float32: the reference.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import shutil
@@ -61,7 +73,15 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from onnxruntime.quantization import QuantType, quantize_dynamic
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quant_pre_process,
+    quantize_dynamic,
+    quantize_static,
+)
 from torch import nn
 
 from imtext import __version__
@@ -98,13 +118,17 @@ from imtext.export.runtime import (
     ImageSpec,
     OnnxEncoders,
     TextSpec,
+    encode_text,
+    preprocess_image,
 )
+from imtext.export.runtime import read_vocabulary as read_export_vocabulary
 from imtext.models.dual_path import DualPathModel
 from imtext.models.methods import SimilarityModel
 from imtext.train.checkpoint import load_model
 
 __all__ = [
-    "export", "export_onnx", "quantize", "export_spec", "ImageEncoder", "TextEncoder", "PairScorer",
+    "export", "export_onnx", "quantize_dynamic_encoder", "quantize_static_encoder", "export_spec",
+    "calibration_inputs", "ImageEncoder", "TextEncoder", "PairScorer",
 ]  # fmt: skip
 
 METRICS_FILE = "metrics.json"
@@ -117,6 +141,10 @@ PAIR_BLOCK = 32768
 #: torch.onnx's dynamo exporter implements opset 18 and newer; converting this model lower fails
 #: (no ``Pad`` adapter) and the exporter then silently keeps 18.
 MIN_OPSET = 18
+#: Inputs per calibration run of the static quantizer (the same batch as the parity check's).
+CALIBRATION_BATCH = 32
+#: The split whose images and captions calibrate static INT8: never the split recall is checked on.
+CALIBRATION_SPLIT = "train"
 
 Log = Callable[[str], None]
 Runner = Callable[[np.ndarray], np.ndarray]
@@ -182,12 +210,16 @@ def export_onnx(
     opset: int,
     path: Path,
     metadata: dict[str, str] | None = None,
+    *,
+    dynamo: bool = True,
 ) -> None:
     """Write ``encoder`` (in eval mode) as one self-contained ONNX file with a dynamic batch axis,
     shared by all its inputs.
 
     ``sample`` (one tensor per input) fixes every other dimension; its batch must be at least 2
     (torch.export specialises a size of 1). ``metadata`` goes to the model's ``metadata_props``.
+    ``dynamo``: torch.export's exporter (the default), else the deprecated TorchScript one
+    (``bench/bench_export.py`` compares them).
     """
     samples = sample if isinstance(sample, tuple) else (sample,)
     if opset < MIN_OPSET:
@@ -195,13 +227,29 @@ def export_onnx(
             f"export.opset: {opset} is below {MIN_OPSET}, the lowest opset the exporter writes "
             f"(it cannot convert this model lower); set export.opset to {MIN_OPSET} or higher"
         )
+    proto = (dynamo_proto if dynamo else torchscript_proto)(encoder.eval(), samples, opset)
+    written = {entry.domain: entry.version for entry in proto.opset_import}.get("", None)
+    if written != opset:
+        raise ConfigError(
+            f"export.opset: {opset} requested but the exporter wrote opset {written}; set "
+            f"export.opset to one that torch {torch.__version__} writes ({MIN_OPSET} or higher)"
+        )
+    _strip_node_metadata(proto.graph)
+    onnx.helper.set_model_props(proto, metadata or {})
+    onnx.save_model(proto, str(path))
+
+
+def dynamo_proto(
+    encoder: ImageEncoder | TextEncoder | PairScorer, samples: tuple[torch.Tensor, ...], opset: int
+) -> onnx.ModelProto:
+    """``encoder`` through ``torch.onnx.export(dynamo=True)``, every input's axis 0 dynamic."""
     names = list(encoder.input_names)
     batch = torch.export.Dim("batch")
     with _quiet_logs("onnxscript", "onnx_ir", "torch.onnx"), warnings.catch_warnings():
         # The pair scorer's two inputs share the batch axis on purpose; the exporter says so.
         warnings.filterwarnings("ignore", message="# The axis name: batch will not be used")
         program = torch.onnx.export(
-            encoder.eval(),
+            encoder,
             samples,
             None,
             input_names=names,
@@ -213,16 +261,32 @@ def export_onnx(
             optimize=True,
             verbose=False,
         )
-    proto = program.model_proto
-    written = {entry.domain: entry.version for entry in proto.opset_import}.get("", None)
-    if written != opset:
-        raise ConfigError(
-            f"export.opset: {opset} requested but the exporter wrote opset {written}; set "
-            f"export.opset to one that torch {torch.__version__} writes ({MIN_OPSET} or higher)"
+    return program.model_proto
+
+
+def torchscript_proto(
+    encoder: ImageEncoder | TextEncoder | PairScorer, samples: tuple[torch.Tensor, ...], opset: int
+) -> onnx.ModelProto:
+    """``encoder`` through the TorchScript exporter (``dynamo=False``), axis 0 of every input and
+    of the output named ``batch``."""
+    names = list(encoder.input_names)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        # Its deprecation notice, and notes on constant folding it skipped, say nothing to a user.
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export")
+        warnings.filterwarnings("ignore", module=r"torch\.onnx")
+        torch.onnx.export(
+            encoder,
+            samples,
+            buffer,
+            input_names=names,
+            output_names=[encoder.output_name],
+            opset_version=opset,
+            dynamo=False,
+            dynamic_axes={name: {0: "batch"} for name in [*names, encoder.output_name]},
+            do_constant_folding=True,
         )
-    _strip_node_metadata(proto.graph)
-    onnx.helper.set_model_props(proto, metadata or {})
-    onnx.save_model(proto, str(path))
+    return onnx.load_model_from_string(buffer.getvalue())
 
 
 def _strip_node_metadata(graph: onnx.GraphProto) -> None:
@@ -256,22 +320,122 @@ def _quiet_logs(*names: str) -> Iterator[None]:
             logger.setLevel(level)
 
 
-def quantize(src: Path, dst: Path) -> None:
+def _untyped(src: Path) -> onnx.ModelProto:
+    """The model at ``src`` without its intermediate value types: the exporter types every value,
+    initialisers included; the quantizers transpose some weights and their shape inference then
+    rejects the stale shapes. They are inferred again."""
+    model = onnx.load(str(src))
+    del model.graph.value_info[:]
+    return model
+
+
+def quantize_dynamic_encoder(src: Path, dst: Path) -> None:
     """INT8 dynamic quantization of an encoder: int8 weights (per output channel), activations
     quantized at run time; ConvInteger and MatMulInteger run on onnxruntime's CPU provider."""
-    model = onnx.load(str(src))
-    # The exporter types every value, initialisers included; the quantizer transposes some weights
-    # and its shape inference then rejects the stale shapes. They are inferred again.
-    del model.graph.value_info[:]
     with _quiet_logs():
-        quantize_dynamic(model, dst, weight_type=QuantType.QInt8, per_channel=True)
+        quantize_dynamic(_untyped(src), dst, weight_type=QuantType.QInt8, per_channel=True)
+
+
+class _Batches(CalibrationDataReader):
+    """The calibration inputs, ``CALIBRATION_BATCH`` rows per run, fed to one named input."""
+
+    def __init__(self, input_name: str, inputs: np.ndarray) -> None:
+        self._feeds = iter(
+            [
+                {input_name: inputs[start : start + CALIBRATION_BATCH]}
+                for start in range(0, len(inputs), CALIBRATION_BATCH)
+            ]
+        )
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._feeds, None)
+
+
+def quantize_static_encoder(src: Path, dst: Path, input_name: str, inputs: np.ndarray) -> None:
+    """INT8 static QDQ quantization of an encoder: int8 weights per output channel, uint8
+    activations whose ranges (min/max) are calibrated on ``inputs`` (N, ...), the encoder's input
+    ``input_name``. ``quant_pre_process`` first folds and fuses the float graph, as ONNX Runtime
+    advises; its symbolic shape inference is skipped (it cannot follow the Expand of the L2
+    normalisation), ONNX's own runs."""
+    # Files, not protos: quant_pre_process given a proto loses its weights (external data in a
+    # directory it has already removed). Next to the output: inside the export's own directory.
+    untyped, pre = dst.with_name(dst.name + ".in"), dst.with_name(dst.name + ".pre")
+    try:
+        onnx.save_model(_untyped(src), str(untyped))
+        with _quiet_logs():
+            quant_pre_process(untyped, pre, skip_symbolic_shape=True)
+            quantize_static(
+                pre,
+                dst,
+                _Batches(input_name, inputs),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                calibrate_method=CalibrationMethod.MinMax,
+            )
+    finally:
+        untyped.unlink(missing_ok=True)
+        pre.unlink(missing_ok=True)
+
+
+def evenly_spaced(count: int, total: int) -> np.ndarray:
+    """``min(count, total)`` distinct row indices spread over ``range(total)``, first row
+    included: deterministic, and they cover the whole split (which is ordered by source)."""
+    return np.unique(np.linspace(0, total - 1, min(count, total)).round().astype(np.int64))
+
+
+def calibration_inputs(
+    prepared: Path, export_dir: Path, count: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Images float32 (n, 3, S, S) and tokens int64 (m, L) from ``count`` images and ``count``
+    captions of the prepared training split, preprocessed by the runtime's own functions from the
+    ``preprocess.json`` and ``vocab.json`` in ``export_dir``: what a client would send."""
+    split = PreparedSplit.load(prepared, CALIBRATION_SPLIT)
+    if split.n_images == 0 or split.n_captions == 0:
+        raise DataError(
+            f"{prepared}: the {CALIBRATION_SPLIT!r} split has no images or captions to calibrate "
+            "static INT8 with; set export.quantize to dynamic or none"
+        )
+    spec = ExportSpec.read(export_dir / PREPROCESS_FILE)
+    vocab = read_export_vocabulary(export_dir / spec.text.vocabulary, spec.text)
+    images = np.stack(
+        [
+            preprocess_image(split.image(int(row)), spec.image)
+            for row in evenly_spaced(count, split.n_images)
+        ]
+    )
+    tokens = np.stack(
+        [
+            encode_text(str(split.captions[row]), vocab, spec.text)
+            for row in evenly_spaced(count, split.n_captions)
+        ]
+    )
+    return images, tokens
+
+
+def write_int8_encoders(cfg: ExportConfig, out: Path, prepared: Path) -> list[str]:
+    """The INT8 encoders of ``cfg.quantize`` next to the float32 ones in ``out`` (which already
+    holds ``preprocess.json`` and ``vocab.json``); returns their file names."""
+    pairs = ((IMAGE_ENCODER, IMAGE_ENCODER_INT8), (TEXT_ENCODER, TEXT_ENCODER_INT8))
+    if cfg.quantize == "dynamic":
+        for src, dst in pairs:
+            quantize_dynamic_encoder(out / src, out / dst)
+    else:
+        images, tokens = calibration_inputs(prepared, out, cfg.calibration_images)
+        for (src, dst), name, inputs in zip(
+            pairs, (IMAGE_INPUT, TEXT_INPUT), (images, tokens), strict=True
+        ):
+            quantize_static_encoder(out / src, out / dst, name, inputs)
+    return [dst for _, dst in pairs]
 
 
 def export_spec(
-    image_size: int, max_len: int, embed_dim: int, int8: bool, similarity: str = DOT
+    image_size: int, max_len: int, embed_dim: int, int8: str | None, similarity: str = DOT
 ) -> ExportSpec:
     """``preprocess.json`` of a model: the training code's evaluation preprocessing, and how its
-    outputs are compared (``similarity``: ``dot`` or ``network``)."""
+    outputs are compared (``similarity``: ``dot`` or ``network``). ``int8``: the quantization of
+    the INT8 encoders (``static`` or ``dynamic``), None without them."""
     notes = dict(NOTES)
     if similarity == NETWORK:
         notes["output"] = NETWORK_OUTPUT_NOTE
@@ -282,7 +446,11 @@ def export_spec(
         similarity=similarity,
         pair_scorer=PAIR_SCORER,
         notes=notes,
-        int8={"image_encoder": IMAGE_ENCODER_INT8, "text_encoder": TEXT_ENCODER_INT8}
+        int8={
+            "image_encoder": IMAGE_ENCODER_INT8,
+            "text_encoder": TEXT_ENCODER_INT8,
+            "quantization": int8,
+        }
         if int8
         else None,
     )
@@ -588,6 +756,8 @@ def parity_report(
     }
     if images.int8 is not None and texts.int8 is not None:
         report["int8"] = {
+            "quantization": cfg.quantize,
+            "calibration_images": cfg.calibration_images if cfg.quantize == "static" else None,
             "provider": CPU,
             "image_max_abs_diff": max_abs_diff(images.int8, images.torch),
             "text_max_abs_diff": max_abs_diff(texts.int8, texts.torch),
@@ -624,11 +794,17 @@ def flat_metrics(report: dict[str, Any]) -> dict[str, float]:
 
 
 def write_encoders(
-    model: DualPathModel, model_cfg: ModelConfig, max_len: int, cfg: ExportConfig, out: Path
+    model: DualPathModel,
+    model_cfg: ModelConfig,
+    max_len: int,
+    cfg: ExportConfig,
+    out: Path,
 ) -> list[str]:
-    """Write both encoders (and their INT8 versions with ``cfg.quantize``) and preprocess.json;
-    returns the ONNX file names."""
+    """Write both float32 encoders, the pair scorer and preprocess.json (which names the INT8
+    encoders of ``cfg.quantize``, written by :func:`write_int8_encoders`); returns the ONNX file
+    names."""
     size = model_cfg.image_size
+    dynamo = cfg.exporter == "dynamo"
     # A batch of 2: torch.export specialises a sample size of 1 and the batch axis would not be
     # dynamic. Zeros suffice since neither encoder branches on values.
     image_sample = torch.zeros(2, 3, size, size)
@@ -641,21 +817,28 @@ def write_encoders(
         "imtext.embed_dim": str(embed_dim),
     }
     image_props = {**common, "imtext.encoder": "image", "imtext.image_size": str(size)}
-    export_onnx(ImageEncoder(model), image_sample, cfg.opset, out / IMAGE_ENCODER, image_props)
+    export_onnx(
+        ImageEncoder(model),
+        image_sample,
+        cfg.opset,
+        out / IMAGE_ENCODER,
+        image_props,
+        dynamo=dynamo,
+    )
     text_props = {**common, "imtext.encoder": "text", "imtext.max_len": str(max_len)}
-    export_onnx(TextEncoder(model), text_sample, cfg.opset, out / TEXT_ENCODER, text_props)
+    export_onnx(
+        TextEncoder(model), text_sample, cfg.opset, out / TEXT_ENCODER, text_props, dynamo=dynamo
+    )
     # Two tensors, not one twice: torch.export would take one object passed twice for one input.
     code_samples = (torch.zeros(2, embed_dim), torch.zeros(2, embed_dim))
     scorer_props = {**common, "imtext.scorer": similarity}
-    export_onnx(PairScorer(model), code_samples, cfg.opset, out / PAIR_SCORER, scorer_props)
-    names = [IMAGE_ENCODER, TEXT_ENCODER, PAIR_SCORER]
-    if cfg.quantize:
-        quantize(out / IMAGE_ENCODER, out / IMAGE_ENCODER_INT8)
-        quantize(out / TEXT_ENCODER, out / TEXT_ENCODER_INT8)
-        names += [IMAGE_ENCODER_INT8, TEXT_ENCODER_INT8]
-    spec = export_spec(size, max_len, embed_dim, cfg.quantize, similarity)
+    export_onnx(
+        PairScorer(model), code_samples, cfg.opset, out / PAIR_SCORER, scorer_props, dynamo=dynamo
+    )
+    int8 = None if cfg.quantize == "none" else cfg.quantize
+    spec = export_spec(size, max_len, embed_dim, int8, similarity)
     (out / PREPROCESS_FILE).write_text(json.dumps(spec.to_dict(), indent=1) + "\n")
-    return names
+    return [IMAGE_ENCODER, TEXT_ENCODER, PAIR_SCORER]
 
 
 def load_inputs(
@@ -720,7 +903,7 @@ def verify(
     )
     int8 = (
         OnnxEncoders.load(export_dir, int8=True, threads=threads, verified=False)
-        if cfg.quantize
+        if cfg.quantize != "none"
         else None
     )
     images, texts, mismatched = embed_split(split, model, encoders, int8)
@@ -739,7 +922,8 @@ def verify(
     context = {
         "similarity": similarity_of(model),
         "format_version": FORMAT_VERSION,
-        "exporter": f"torch.onnx.export(dynamo=True), torch {torch.__version__}",
+        "exporter": f"torch.onnx.export(dynamo={cfg.exporter == 'dynamo'}), torch "
+        f"{torch.__version__}",
         "onnxruntime": ort.__version__,
         "provider": encoders.providers[0],
         "torch_device": "cpu",
@@ -776,6 +960,8 @@ def export(
     with atomic_directory(out_dir, inputs=inputs, force=force) as tmp:
         names = write_encoders(model, model_cfg, int(split.tokens.shape[1]), cfg, tmp)
         shutil.copyfile(prepared / PREPARED_VOCAB_FILE, tmp / VOCAB_FILE)
+        if cfg.quantize != "none":
+            names += write_int8_encoders(cfg, tmp, prepared)
         sizes = {name: (tmp / name).stat().st_size / 2**20 for name in names}
         log("export: wrote " + ", ".join(f"{n} ({mb:.1f} MB)" for n, mb in sizes.items()))
         report = verify(cfg, model, split, tmp)
@@ -828,7 +1014,8 @@ def log_summary(report: dict[str, Any], log: Log) -> None:
     int8 = report["int8"]
     if int8 is not None and int8["recall"] is not None:
         log(
-            f"export: INT8 rsum {int8['recall']['rsum']:.2f}, max |INT8 - PyTorch| image "
+            f"export: INT8 ({int8['quantization']}) rsum {int8['recall']['rsum']:.2f}, "
+            "max |INT8 - PyTorch| image "
             f"{int8['image_max_abs_diff']:.2g}, text {int8['text_max_abs_diff']:.2g}"
         )
     log(f"export: {'passed' if report['passed'] else 'FAILED'}")

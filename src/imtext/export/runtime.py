@@ -7,7 +7,7 @@ imports torch or the rest of imtext: everything it needs is in an export directo
 |---|---|
 | ``image_encoder.onnx`` | input ``images`` float32 (N, 3, S, S) -> output ``embeddings`` (N, D), L2-normalised |
 | ``text_encoder.onnx`` | input ``tokens`` int64 (N, L) -> output ``embeddings`` (N, D), L2-normalised |
-| ``image_encoder.int8.onnx``, ``text_encoder.int8.onnx`` | the same, dynamically quantized (optional) |
+| ``image_encoder.int8.onnx``, ``text_encoder.int8.onnx`` | the same in INT8, statically (calibrated QDQ) or dynamically quantized (optional) |
 | ``pair_scorer.onnx`` | inputs ``image_codes``, ``text_codes`` float32 (N, D) -> ``scores`` (N,): the score of each row pair |
 | ``preprocess.json`` | how raw inputs become those tensors (:class:`ExportSpec`) |
 | ``vocab.json`` | ``{"words": [...]}``, the word of each id |
@@ -408,7 +408,7 @@ class OnnxEncoders:
 
         Args:
             export_dir: the output directory of ``imtext export``.
-            int8: use the dynamically quantized encoders (CPU only; ``export.quantize``).
+            int8: use the INT8 encoders (CPU only; ``export.quantize``).
             providers: ONNX Runtime providers; ``None``: CUDA when available, else the CPU.
             threads: intra-op threads per session; ``None``: onnxruntime's default.
             verified: refuse a directory whose ``parity.json`` does not record passed checks
@@ -421,9 +421,12 @@ class OnnxEncoders:
         vocab = read_vocabulary(export_dir / spec.text.vocabulary, spec.text)
         if int8:
             if not spec.int8:
-                raise InputError(f"{export_dir}: no INT8 encoders; export with quantize: true")
+                raise InputError(
+                    f"{export_dir}: no INT8 encoders; export with export.quantize: static"
+                )
             names = spec.int8["image_encoder"], spec.int8["text_encoder"]
-            providers = [CPU]  # ConvInteger and MatMulInteger run on the CPU provider only
+            # Verified on the CPU provider only (ConvInteger, of dynamic INT8, runs nowhere else).
+            providers = [CPU]
         else:
             names = spec.image.encoder, spec.text.encoder
         sessions = []

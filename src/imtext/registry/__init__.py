@@ -22,7 +22,9 @@ loop's ``log(metrics, step)``.
 
 from imtext.registry.promotion import (
     PromotionDecision,
+    alias_version,
     load_champion,
+    load_model_version,
     preview_promotion,
     promote,
 )
@@ -35,7 +37,9 @@ __all__ = [
     "RegisteredVersion",
     "RegistryError",
     "RegistryUnavailableError",
+    "alias_version",
     "load_champion",
+    "load_model_version",
     "preview_promotion",
     "promote",
     "register",

@@ -350,43 +350,86 @@ def load_champion(
     the version's ``imtext.version`` (:func:`imtext.registry.pyfunc.load_verified`). A version
     that fails either check is a :class:`RegistryError` saying what to do.
     """
-    import mlflow.artifacts
-
-    from imtext.registry.pyfunc import load_verified
-
     cfg = cfg or _default_cfg(model_name, alias)
     uri = resolve_tracking_uri(cfg, tracking_uri)
     server = connect(uri, cfg, no_log)
     with retry_settings(cfg):
-        champion = champion_version(server, model_name, alias)
-        if champion is None:
-            raise RegistryError(
-                f"no version of {model_name!r} holds alias {alias!r} at {uri}; promote one with "
-                "`imtext promote`"
-            )
-        expected = trusted_digest(champion, uri)
-        # The version's own artifact URI (mlflow-artifacts:/, s3://, file:), resolved here
-        # because MLflow's download of a models:/ URI ignores an explicit registry URI.
-        source = server.call(
-            f"locate version {champion.version} of {model_name!r}",
-            server.client.get_model_version_download_uri,
-            model_name,
-            str(champion.version),
+        champion = _alias_holder(server, model_name, alias)
+        return _download_verified(server, champion, dst_path)
+
+
+def alias_version(
+    model_name: str,
+    alias: str = "champion",
+    tracking_uri: str | None = None,
+    *,
+    cfg: RegisterConfig | None = None,
+) -> str:
+    """The number of the version ``models:/<model_name>@<alias>`` names now (one registry read:
+    what a server polls to notice that the alias moved); a :class:`RegistryError` when no version
+    holds the alias."""
+    cfg = cfg or _default_cfg(model_name, alias)
+    server = connect(resolve_tracking_uri(cfg, tracking_uri), cfg, no_log)
+    with retry_settings(cfg):
+        return str(_alias_holder(server, model_name, alias).version)
+
+
+def load_model_version(
+    model_name: str,
+    version: str | int,
+    tracking_uri: str | None = None,
+    *,
+    cfg: RegisterConfig | None = None,
+    dst_path: Path | None = None,
+) -> Any:
+    """Version ``version`` of ``model_name`` as a pyfunc model, checked as :func:`load_champion`
+    checks the champion: loading a version found by :func:`alias_version` gets exactly that version
+    even if the alias moves in between."""
+    cfg = cfg or _default_cfg(model_name, "champion")
+    server = connect(resolve_tracking_uri(cfg, tracking_uri), cfg, no_log)
+    with retry_settings(cfg):
+        found = model_version(server, model_name, str(version))
+        return _download_verified(server, found, dst_path)
+
+
+def _alias_holder(server: Server, model_name: str, alias: str) -> Any:
+    champion = champion_version(server, model_name, alias)
+    if champion is None:
+        raise RegistryError(
+            f"no version of {model_name!r} holds alias {alias!r} at {server.uri}; promote one "
+            "with `imtext promote`"
         )
-        target = Path(dst_path or tempfile.mkdtemp(prefix="imtext-champion-"))
-        local = server.call(
-            f"download version {champion.version} of {model_name!r}",
-            mlflow.artifacts.download_artifacts,
-            artifact_uri=source,
-            dst_path=str(target),
-            tracking_uri=uri,
-        )
+    return champion
+
+
+def _download_verified(server: Server, version: Any, dst_path: Path | None) -> Any:
+    """Download ``version``'s files, check them against its registration hash, load them."""
+    import mlflow.artifacts
+
+    from imtext.registry.pyfunc import load_verified
+
+    name, uri = version.name, server.uri
+    expected = trusted_digest(version, uri)
+    # The version's own artifact URI (mlflow-artifacts:/, s3://, file:), resolved here
+    # because MLflow's download of a models:/ URI ignores an explicit registry URI.
+    source = server.call(
+        f"locate version {version.version} of {name!r}",
+        server.client.get_model_version_download_uri,
+        name,
+        str(version.version),
+    )
+    target = Path(dst_path or tempfile.mkdtemp(prefix="imtext-champion-"))
+    local = server.call(
+        f"download version {version.version} of {name!r}",
+        mlflow.artifacts.download_artifacts,
+        artifact_uri=source,
+        dst_path=str(target),
+        tracking_uri=uri,
+    )
     try:
         return load_verified(Path(local), expected)
     except ValueError as exc:
-        raise RegistryError(
-            f"version {champion.version} of {model_name!r} at {uri}: {exc}"
-        ) from None
+        raise RegistryError(f"version {version.version} of {name!r} at {uri}: {exc}") from None
 
 
 def trusted_digest(version: Any, uri: str) -> str:
