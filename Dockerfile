@@ -72,6 +72,9 @@ ARG CUDA_IMAGE
 ARG VERSION=0.1.0
 ARG VCS_REF=unknown
 ARG CREATED=unknown
+# The commit the image was built from: .git stays out of the build context, so the registered
+# versions learn it from this variable (imtext.registry.provenance.git_commit).
+ARG GIT_COMMIT=unknown
 LABEL org.opencontainers.image.title="imtext" \
       org.opencontainers.image.description="Image-text retrieval (dual-path CNN, instance loss): the imtext package, the base image of every pipeline component" \
       org.opencontainers.image.version="${VERSION}" \
@@ -98,7 +101,8 @@ ENV VIRTUAL_ENV=/opt/venv \
     PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HOME=/home/imtext \
-    MPLCONFIGDIR=/tmp/matplotlib
+    MPLCONFIGDIR=/tmp/matplotlib \
+    IMTEXT_GIT_COMMIT=${GIT_COMMIT}
 
 # The KFP v2 launcher stages artifacts under /gcs, /minio and /s3 (a fixed contract of its Python
 # components), which a non-root user could not create.

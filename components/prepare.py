@@ -29,13 +29,15 @@ def prepare(
         skip_bad: Skip unusable images and captions instead of failing.
         params: The text of params.yaml (one section per stage).
         overrides: section.key=value settings applied over params.
-        prepared: Directory of prepared splits, vocabulary and meta.json.
+        prepared: Directory of prepared splits, vocabulary, meta.json and source.json (the
+            data's URI and content digest, which the training steps log to MLflow).
         metrics: Split sizes and vocabulary size.
     """
     import tempfile
     from pathlib import Path
 
     from imtext.config import stage_config_from_params
+    from imtext.data.lineage import SOURCE_FILE, describe
     from imtext.data.prepare import prepare as prepare_stage
     from imtext.data.remote import fetch
     from imtext.orchestrate import log_metrics, step_params
@@ -52,4 +54,7 @@ def prepare(
             skip_bad=skip_bad,
             log=print,
         )
+    source = describe(data)
+    print(f"data {source.uri}: {source.files} files, listing md5 {source.digest}")
+    (Path(prepared.path) / SOURCE_FILE).write_text(source.to_json(), encoding="utf-8")
     log_metrics(metrics, result)

@@ -1,5 +1,7 @@
 """KFP component ``pretrain``: Stage I, the instance loss (``imtext pretrain``)."""
 
+from typing import NamedTuple
+
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
@@ -12,29 +14,54 @@ def pretrain(
     params: str,
     overrides: list,
     device: str,
+    tracking_uri: str,
+    kfp_run_id: str,
     model: Output[Model],
     metrics: Output[Metrics],
-):
-    """Train Stage I of the dual-path method (instance loss only).
+) -> NamedTuple("TrainOutputs", [("mlflow_run_id", str), ("mlflow_run_url", str)]):
+    """Train Stage I of the dual-path method (instance loss only), logging to a new MLflow run.
 
     Args:
         prepared: Output of prepare.
         params: The text of params.yaml (sections model and pretrain are used).
         overrides: section.key=value settings applied over params.
         device: auto (CUDA when available), cpu, cuda or cuda:N.
+        tracking_uri: MLflow tracking URI; empty: register.tracking_uri, else $MLFLOW_TRACKING_URI.
+        kfp_run_id: The pipeline run's id (dsl.PIPELINE_JOB_ID_PLACEHOLDER), tagged on the run.
         model: Directory with model.pt (best validation epoch), checkpoint.pt, history.json,
             metrics.json and log.jsonl.
         metrics: The stage's final metrics (validation recall of the best epoch).
+
+    Returns:
+        mlflow_run_id: The MLflow run of this pipeline run, which later steps log to.
+        mlflow_run_url: Its page in MLflow's UI.
     """
+    from collections import namedtuple
     from pathlib import Path
 
+    from imtext.config import stage_config_from_params
+    from imtext.data.lineage import read_source
     from imtext.orchestrate import log_metrics, step_params, train_step
+    from imtext.registry import tracked_training
 
-    result = train_step(
+    values = step_params(params, overrides)
+    with tracked_training(
+        stage_config_from_params("register", values),
         "pretrain",
-        step_params(params, overrides),
-        Path(prepared.path),
-        Path(model.path),
-        device=device,
-    )
+        params=values,
+        source=read_source(Path(prepared.path)),
+        kfp_run_id=kfp_run_id,
+        tracking_uri=tracking_uri or None,
+        log=print,
+    ) as run:
+        result = train_step(
+            "pretrain",
+            values,
+            Path(prepared.path),
+            Path(model.path),
+            device=device,
+            also_log=run.log,
+        )
     log_metrics(metrics, result)
+    print(f"MLflow run: {run.url}")
+    return namedtuple("TrainOutputs", ["mlflow_run_id", "mlflow_run_url"])(run.run_id, run.url)

@@ -12,6 +12,7 @@ def register(
     overrides: list,
     tracking_uri: str,
     model_name: str,
+    mlflow_run_id: str,
     model: Input[Model],
     evaluation: Input[Artifact],
     onnx: Input[Model],
@@ -25,6 +26,8 @@ def register(
         overrides: section.key=value settings applied over params.
         tracking_uri: MLflow tracking URI; empty: register.tracking_uri, else $MLFLOW_TRACKING_URI.
         model_name: Registered model name; empty: register.model_name.
+        mlflow_run_id: finetune's MLflow run, where the model is logged; a run registered before
+            (every step up to here from KFP's cache) keeps its version and gets no second one.
         model: Output of finetune (model.pt, history.json, metrics.json, log.jsonl).
         evaluation: Output of evaluate (metrics.json and the report).
         onnx: Output of export (the ONNX encoders served by the registered model).
@@ -52,8 +55,9 @@ def register(
         train_dir=Path(model.path),
         eval_dir=Path(evaluation.path),
         export_dir=Path(onnx.path),
-        data_dvc=None,  # the data came from a location, not from a DVC-tracked directory
+        data_dvc=None,  # the run has the data's URI and digests (prepare's source.json)
         tracking_uri=tracking_uri or None,
+        run_id=mlflow_run_id or None,
         log=print,
     )
     decision = preview_promotion(

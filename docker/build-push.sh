@@ -47,6 +47,7 @@ build_args=(
     --platform "$platform"
     --build-arg "VERSION=$version"
     --build-arg "VCS_REF=$revision"
+    --build-arg "GIT_COMMIT=$revision"
     --build-arg "CREATED=$created"
     --tag "$image"
     --file Dockerfile

@@ -29,7 +29,14 @@ S3_ENV = {
     "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
     "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
 }
-SECRET_ENV = {"prepare": S3_ENV, "register": MLFLOW_ENV, "promote": MLFLOW_ENV}
+SECRET_ENV = {
+    "prepare": S3_ENV,
+    # The training steps log to the tracking server as they train (imtext.registry.runs).
+    "pretrain": MLFLOW_ENV,
+    "finetune": MLFLOW_ENV,
+    "register": MLFLOW_ENV,
+    "promote": MLFLOW_ENV,
+}
 
 #: (cpu request, cpu limit, memory request, memory limit) per step. Training and evaluation are
 #: sized for the paper's models on Flickr30k/COCO with one GPU; the data loaders decode images on

@@ -39,6 +39,7 @@ class PipelineOutputs(NamedTuple):
     model_version: str
     beats_champion: bool
     gate: str
+    mlflow_run_url: str
 
 
 def compact_params(text: str) -> str:
@@ -101,9 +102,17 @@ def build_pipeline(params: str | None = None, *, for_cluster: bool = True):
             **settings,
         )
         prepared = prepare_task.outputs["prepared"]
-        pretrain_task = pretrain(prepared=prepared, device=device, **settings)
+        # One MLflow run per pipeline run: pretrain opens it, finetune resumes it, register
+        # logs the model to it (imtext.registry.runs).
+        tracking = {"tracking_uri": tracking_uri, "kfp_run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER}
+        pretrain_task = pretrain(prepared=prepared, device=device, **tracking, **settings)
         finetune_task = finetune(
-            prepared=prepared, init=pretrain_task.outputs["model"], device=device, **settings
+            prepared=prepared,
+            init=pretrain_task.outputs["model"],
+            device=device,
+            mlflow_run_id=pretrain_task.outputs["mlflow_run_id"],
+            **tracking,
+            **settings,
         )
         model = finetune_task.outputs["model"]
         evaluate_task = evaluate(model=model, prepared=prepared, device=device, **settings)
@@ -117,6 +126,7 @@ def build_pipeline(params: str | None = None, *, for_cluster: bool = True):
             onnx=export_task.outputs["onnx"],
             tracking_uri=tracking_uri,
             model_name=model_name,
+            mlflow_run_id=finetune_task.outputs["mlflow_run_id"],
             **settings,
         )
         with dsl.If(register_task.outputs["Output"] == True, "beats-champion"):  # noqa: E712
@@ -147,6 +157,7 @@ def build_pipeline(params: str | None = None, *, for_cluster: bool = True):
             model_version=register_task.outputs["model_version"],
             beats_champion=register_task.outputs["Output"],
             gate=register_task.outputs["gate"],
+            mlflow_run_url=finetune_task.outputs["mlflow_run_url"],
         )
 
     return imtext_pipeline

@@ -12,7 +12,9 @@ and sample standard deviation over the seeds (the CSV also every seed's row), pl
 the configurations file asks for: the mean per-seed difference of rsum between two configurations
 (the seeds pair them: same data order and initialisation) with its standard deviation.
 
-The module writes files and calls ``log(message)``; MLflow logging is the caller's (the CLI's).
+The module writes files and calls ``log(message)``; MLflow logging is the caller's (the CLI's,
+through :func:`imtext.registry.ablation.log_ablation`: a parent run, one nested run per
+configuration and seed).
 """
 
 from __future__ import annotations

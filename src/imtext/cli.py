@@ -662,7 +662,8 @@ def _add_ablate(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--mlflow",
         action="store_true",
-        help="also log the table to MLflow (experiment register.experiment, run 'ablation')",
+        help="also log to MLflow (experiment register.experiment): a parent run 'ablation' with "
+        "the table, and a nested run per configuration and seed (MLflow's compare view)",
     )
     _tracking_arg(p)
     p.set_defaults(func=_run_ablate)
@@ -682,24 +683,18 @@ def _run_ablate(args: argparse.Namespace) -> None:
     log.info("ablation table: %s", table_dir / "ablation.md")
     if not args.mlflow:
         return
-    from imtext.registry.tracking import connect, ensure_experiment, resolve_tracking_uri
+    from imtext.registry.ablation import log_ablation
 
-    cfg = stage_config_from_params("register", params, str(args.params))
-    server = connect(resolve_tracking_uri(cfg, args.tracking_uri), cfg, log.info)
-    client = server.client
-    run_id = client.create_run(
-        ensure_experiment(server, cfg.experiment), run_name="ablation"
-    ).info.run_id
-    client.log_param(run_id, "configs", ",".join(c.name for c in plan.configurations))
-    client.log_param(run_id, "seeds", ",".join(map(str, args.seeds)))
-    for entry in summarise(rows, plan):
-        for key in METRICS:
-            client.log_metric(run_id, f"{entry['config']}.{key}", entry[key][0])
-            client.log_metric(run_id, f"{entry['config']}.{key}_std", entry[key][1])
-    for name in ("ablation.md", "ablation.csv"):
-        client.log_artifact(run_id, str(table_dir / name))
-    client.set_terminated(run_id)
-    log.info("ablation logged to MLflow run %s", run_id)
+    log_ablation(
+        stage_config_from_params("register", params, str(args.params)),
+        configurations=[(c.name, (*plan.common, *c.overrides)) for c in plan.configurations],
+        rows=rows,
+        summary=summarise(rows, plan),
+        metrics=METRICS,
+        tables=[table_dir / "ablation.md", table_dir / "ablation.csv"],
+        tracking_uri=args.tracking_uri,
+        log=log.info,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -89,9 +89,11 @@ def train_step(
     *,
     init: Path | None = None,
     device: str = "auto",
+    also_log: Callable[[dict[str, float], int], None] | None = None,
 ) -> dict[str, float]:
     """A pipeline's ``pretrain`` or ``finetune`` step: ``train_stage`` with the step's parameters,
-    every logged step's metrics printed (KFP's log) and appended to ``out/log.jsonl``."""
+    every logged step's metrics printed (KFP's log), appended to ``out/log.jsonl`` and passed to
+    ``also_log`` (the MLflow run's logger)."""
     import json
 
     from imtext.config import stage_config_from_params
@@ -105,6 +107,8 @@ def train_step(
         print(line, flush=True)
         with (out / "log.jsonl").open("a", encoding="utf-8") as file:
             file.write(line + "\n")
+        if also_log is not None:
+            also_log(step_metrics, step)
 
     return train_stage(
         stage,

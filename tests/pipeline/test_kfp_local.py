@@ -90,18 +90,44 @@ def test_local_run_registers_promotes_and_then_gates(tmp_path, s3_shapes, capsys
 
     client = MlflowClient(tracking_uri=tracking, registry_uri=tracking)
     assert str(client.get_model_version_by_alias("imtext-dual-path", "champion").version) == "1"
+    check_the_mlflow_store(client, s3_shapes)
 
-    # Again, with every step up to export taken from KFP's local cache: register makes version 2
-    # with the same rsum, which does not beat the champion, so the gate skips promote.
+    # Again, with every step up to export taken from KFP's local cache: register gets the MLflow
+    # run it registered already and adds no version; the version keeps the alias.
     pipeline_run(*argv)
     log = capsys.readouterr().out
     second = summary(log)
-    assert "registered: imtext-dual-path version 2 " in second
-    assert "promotion: skipped by the gate: rsum" in second
-    assert "does not beat" in second
+    assert "registered: imtext-dual-path version 1 " in second
+    assert "promotion: version 1 is now @champion: version 1 already holds alias" in second
+    assert len(client.search_model_versions("name = 'imtext-dual-path'")) == 1
     assert str(client.get_model_version_by_alias("imtext-dual-path", "champion").version) == "1"
     newest = max((tmp_path / "kfp").glob("imtext-*"))
-    assert {p.name for p in newest.iterdir()} == {"register"}
+    assert {p.name for p in newest.iterdir()} == {"register", "promote"}
+
+
+def check_the_mlflow_store(client, data: str) -> None:
+    """What issue 16 asks of the store a pipeline run leaves: the run of the registered version
+    has per-epoch metrics with distinct timestamps, system metrics, the dataset input and the KFP
+    run id; the version's commit and data digest are known."""
+    from imtext.data.lineage import describe
+
+    version = client.get_model_version("imtext-dual-path", "1")
+    run = client.get_run(version.run_id)
+    for stage in ("pretrain", "finetune"):
+        history = client.get_metric_history(run.info.run_id, f"{stage}.val_rsum")
+        assert [m.step for m in history] == [1, 2], stage
+        assert len({m.timestamp for m in history}) == 2, stage
+    assert any(key.startswith("system/") for key in run.data.metrics), sorted(run.data.metrics)
+    (dataset,) = run.inputs.dataset_inputs
+    digest = describe(data).digest
+    assert dataset.dataset.digest == digest and data in dataset.dataset.source
+    kfp_run_id = run.data.tags["imtext.kfp_run_id"]
+    assert kfp_run_id and "{{" not in kfp_run_id
+    tags = version.tags
+    assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", tags["imtext.git_commit"]), tags
+    assert tags["imtext.data_digest"] == digest and tags["imtext.data_uri"] == data
+    assert tags["imtext.run_id"] == run.info.run_id
+    assert run.data.tags["imtext.stage.register"] == "finished"
 
 
 def test_a_failing_step_is_named(tmp_path, s3_endpoint, s3_env, monkeypatch):

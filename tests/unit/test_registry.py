@@ -38,7 +38,13 @@ from imtext.registry.provenance import (
     history_metrics,
     params_sha256,
 )
-from imtext.registry.retry import RegistryError, backoff_delays, call_with_retries, is_transient
+from imtext.registry.retry import (
+    RegistryError,
+    is_unavailable,
+    retry_environment,
+    retry_settings,
+    translated,
+)
 from imtext.registry.tracking import local_artifact_root, resolve_tracking_uri
 
 EMBED_DIM = 8
@@ -316,7 +322,7 @@ def test_register_logs_run_and_tags_version(cfg, stages, workdir):
     assert run.data.params["finetune.loss_weights"] == "[2.0, 1.0, 0.1]"
     assert run.data.params["finetune.patience"] == "null"
     assert run.data.metrics["rsum"] == 60.0 and run.data.metrics["n_captions"] == 60
-    history = client.get_metric_history(registered.run_id, "training.val_rsum")
+    history = client.get_metric_history(registered.run_id, "finetune.val_rsum")
     assert [(m.step, m.value) for m in history] == [(1, 10.0), (2, 20.0)]
 
     artifacts = {a.path for a in client.list_artifacts(registered.run_id, "evaluation")}
@@ -550,7 +556,7 @@ def test_unreachable_server_fails_fast_with_advice_and_changes_nothing(stages, w
         stages.register(cfg, 60.0)
     assert time.monotonic() - start < 30
     message = str(caught.value)
-    assert uri in message and "failed 2 time(s)" in message
+    assert uri in message and "did not answer (1 attempt(s))" in message
     assert "imtext register" in message and str(stages.train) in message
     assert "MLFLOW_TRACKING_URI" in message
     with pytest.raises(RegistryUnavailableError, match=uri):
@@ -561,54 +567,39 @@ def test_unreachable_server_fails_fast_with_advice_and_changes_nothing(stages, w
 # ---------------------------------------------------------------- retries and provenance
 
 
-def test_retries_transient_failures_with_doubling_backoff():
-    calls, sleeps = [], []
-
-    def flaky():
-        calls.append(1)
-        if len(calls) < 3:
-            raise ConnectionError("refused")
-        return "ok"
-
-    result = call_with_retries(
-        flaky, what="x", uri="http://h", attempts=3, backoff_s=0.5, sleep=sleeps.append
-    )
-    assert result == "ok" and len(calls) == 3 and sleeps == [0.5, 1.0]
-    assert backoff_delays(4, 1.0) == [1.0, 2.0, 4.0]
-
-
-def no_sleep(seconds: float) -> None:
-    pass
+def test_retry_settings_are_the_libraries_own_and_the_users_win(monkeypatch):
+    cfg = make_cfg(None, retries=4, retry_backoff_s=0.5)
+    assert retry_environment(cfg) == {
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",  # whole seconds in MLflow: rounded up
+        "AWS_MAX_ATTEMPTS": "4",
+        "AWS_RETRY_MODE": "standard",
+    }
+    for key in retry_environment(cfg):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "9")  # the user's choice stays
+    with retry_settings(cfg):
+        assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "3"
+        assert os.environ["AWS_MAX_ATTEMPTS"] == "9"
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ
+    assert os.environ["AWS_MAX_ATTEMPTS"] == "9"
 
 
-def test_retries_stop_at_the_bound_and_never_retry_refusals():
+def test_failures_are_translated_into_messages_that_name_the_uri():
     from mlflow.exceptions import MlflowException
     from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, RESOURCE_DOES_NOT_EXIST
 
-    calls = []
-
-    def down():
-        calls.append(1)
-        raise TimeoutError("timed out")
-
-    with pytest.raises(RegistryUnavailableError, match="create the run: MLflow at http://h"):
-        call_with_retries(
-            down, what="create the run", uri="http://h", attempts=3, backoff_s=0, sleep=no_sleep
-        )
-    assert len(calls) == 3
-
+    down = MlflowException("API request failed", error_code=INTERNAL_ERROR)
     refusal = MlflowException("no such model", error_code=RESOURCE_DOES_NOT_EXIST)
-    assert not is_transient(refusal)
-    assert is_transient(MlflowException("API request failed", error_code=INTERNAL_ERROR))
-    calls.clear()
-
-    def refused():
-        calls.append(1)
-        raise refusal
-
-    with pytest.raises(MlflowException):
-        call_with_retries(refused, what="x", uri="u", attempts=3, backoff_s=0, sleep=no_sleep)
-    assert len(calls) == 1
+    assert is_unavailable(down) and is_unavailable(ConnectionError("refused"))
+    assert not is_unavailable(refusal)
+    with pytest.raises(RegistryUnavailableError, match="create the run: MLflow at http://h did"):
+        with translated("create the run", "http://h", "start it"):
+            raise down
+    with pytest.raises(RegistryError, match="x: MLflow at http://h refused: no such model") as e:
+        with translated("x", "http://h"):
+            raise refusal
+    assert not isinstance(e.value, RegistryUnavailableError)
 
 
 def test_provenance_helpers(tmp_path, monkeypatch):

@@ -11,8 +11,13 @@
 
 ``register`` verifies the export itself (:mod:`.export_check`) before it creates a version.
 
-Every request to the tracking server or object store is retried (``register.retries``) and ends,
-when the server stays away, in a :class:`RegistryUnavailableError` that says what to do.
+Every request to the tracking server or object store is retried by MLflow and botocore themselves
+(their settings derived from ``register.retries``) and ends, when the server stays away, in a
+:class:`RegistryUnavailableError` that says what to do.
+
+:func:`tracked_training` (:mod:`.runs`) is the pipeline's MLflow run while it trains: opened by
+the first training step, resumed by the next and by ``register``; its ``log`` is the training
+loop's ``log(metrics, step)``.
 """
 
 from imtext.registry.promotion import (
@@ -24,7 +29,8 @@ from imtext.registry.promotion import (
     promote,
 )
 from imtext.registry.retry import RegistryError, RegistryUnavailableError
-from imtext.registry.tracking import RegisteredVersion, register, resolve_tracking_uri
+from imtext.registry.runs import resolve_tracking_uri, tracked_training
+from imtext.registry.tracking import RegisteredVersion, register
 
 __all__ = [
     "PromotionDecision",
@@ -38,4 +44,5 @@ __all__ = [
     "promote",
     "register",
     "resolve_tracking_uri",
+    "tracked_training",
 ]

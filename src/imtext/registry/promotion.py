@@ -31,8 +31,8 @@ from imtext.config import RegisterConfig
 from imtext.errors import ConfigError, ImtextError
 from imtext.registry.lock import WAIT_S, Lease, check_still_held, promotion_lock
 from imtext.registry.provenance import TAG_IMTEXT_VERSION, TAG_MODEL_SHA256, TAG_SIMILARITY
-from imtext.registry.retry import RegistryError, Server, bounded_http_retries, no_log
-from imtext.registry.tracking import connect, resolve_tracking_uri
+from imtext.registry.retry import RegistryError, Server, no_log, retry_settings
+from imtext.registry.runs import connect, resolve_tracking_uri
 
 #: MLflow's limit on a model-version tag value is larger; a reason longer than this is an essay.
 MAX_REASON_CHARS = 2000
@@ -78,7 +78,7 @@ def promote(
         raise ConfigError("promote: forcing a promotion needs a reason; pass a non-empty reason")
     version = str(version)
     server = connect(resolve_tracking_uri(cfg, tracking_uri), cfg, log)
-    with bounded_http_retries(), promotion_lock(server, cfg, lock_wait_s, log) as lease:
+    with retry_settings(cfg), promotion_lock(server, cfg, lock_wait_s, log) as lease:
         decision = judge_and_move(server, cfg, version, force_reason, lease)
     log(f"{cfg.model_name} version {version}: {decision.reason}")
     return decision
@@ -135,7 +135,7 @@ def preview_promotion(
     """What :func:`promote` would decide for ``version`` against the champion of this moment,
     with nothing recorded or moved (a pipeline uses it to skip its promote step)."""
     server = connect(resolve_tracking_uri(cfg, tracking_uri), cfg, log)
-    with bounded_http_retries():
+    with retry_settings(cfg):
         return judge(server, cfg, str(version), forced=False)
 
 
@@ -353,7 +353,7 @@ def load_champion(
     cfg = cfg or _default_cfg(model_name, alias)
     uri = resolve_tracking_uri(cfg, tracking_uri)
     server = connect(uri, cfg, no_log)
-    with bounded_http_retries():
+    with retry_settings(cfg):
         champion = _alias_holder(server, model_name, alias)
         return _download_verified(server, champion, dst_path)
 
@@ -370,7 +370,7 @@ def alias_version(
     holds the alias."""
     cfg = cfg or _default_cfg(model_name, alias)
     server = connect(resolve_tracking_uri(cfg, tracking_uri), cfg, no_log)
-    with bounded_http_retries():
+    with retry_settings(cfg):
         return str(_alias_holder(server, model_name, alias).version)
 
 
@@ -387,7 +387,7 @@ def load_model_version(
     even if the alias moves in between."""
     cfg = cfg or _default_cfg(model_name, "champion")
     server = connect(resolve_tracking_uri(cfg, tracking_uri), cfg, no_log)
-    with bounded_http_retries():
+    with retry_settings(cfg):
         found = model_version(server, model_name, str(version))
         return _download_verified(server, found, dst_path)
 

@@ -17,7 +17,17 @@ from imtext.errors import ImtextError
 
 #: Tag keys shared by the run and the model version.
 TAG_GIT_COMMIT = "imtext.git_commit"
+#: DVC's md5 of the raw data (a ``.dvc`` file's or ``dvc.lock``'s), when DVC tracks it.
 TAG_DATA_MD5 = "imtext.data_md5"
+#: Where the raw data was read (a directory or ``s3://bucket/prefix``) and the md5 of its listing
+#: (:mod:`imtext.data.lineage`).
+TAG_DATA_URI = "imtext.data_uri"
+TAG_DATA_DIGEST = "imtext.data_digest"
+#: The Kubeflow Pipelines run the MLflow run belongs to.
+TAG_KFP_RUN_ID = "imtext.kfp_run_id"
+#: On a model version: the MLflow run it was registered from (``register`` checks it to never
+#: register one run twice).
+TAG_RUN_ID = "imtext.run_id"
 TAG_PARAMS_SHA256 = "imtext.params_sha256"
 TAG_GATE_METRIC = "imtext.gate_metric"
 TAG_GATE_VALUE = "imtext.gate_value"

@@ -35,6 +35,8 @@ import logging
 import shutil
 import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -217,11 +219,10 @@ mlflow.models.set_model(ImtextEncoders())
 """
 
 
-def save_encoders_model(export_dir: Path, path: Path, mlflow_model: Model) -> None:
-    """Write the pyfunc model of ``export_dir`` to the new directory ``path``.
-
-    ``mlflow_model`` carries the ids MLflow records in ``MLmodel`` (run, logged model).
-    """
+@contextmanager
+def encoders_model(export_dir: Path) -> Iterator[dict[str, Any]]:
+    """The arguments of ``mlflow.pyfunc.save_model`` / ``log_model`` that make the pyfunc model
+    of ``export_dir``, valid within the block (the packed source is a temporary copy)."""
     with tempfile.TemporaryDirectory(prefix="imtext-code-") as tmp:
         code = Path(tmp) / "imtext"
         # Bytecode caches are machine-specific noise in a model's artifacts.
@@ -232,15 +233,19 @@ def save_encoders_model(export_dir: Path, path: Path, mlflow_model: Model) -> No
             # An input example would make MLflow run the encoders while logging; SIGNATURE states
             # the input instead, so its advice to add one is noise here.
             warnings.filterwarnings("ignore", message=".*input example was not provided")
-            mlflow.pyfunc.save_model(
-                path=str(path),
-                python_model=str(model_file),
-                artifacts={EXPORT_ARTIFACT: str(export_dir)},
-                code_paths=[str(code)],
-                signature=SIGNATURE,
-                pip_requirements=serving_requirements(),
-                mlflow_model=mlflow_model,
-            )
+            yield {
+                "python_model": str(model_file),
+                "artifacts": {EXPORT_ARTIFACT: str(export_dir)},
+                "code_paths": [str(code)],
+                "signature": SIGNATURE,
+                "pip_requirements": serving_requirements(),
+            }
+
+
+def save_encoders_model(export_dir: Path, path: Path, mlflow_model: Model | None = None) -> None:
+    """Write the pyfunc model of ``export_dir`` to the new directory ``path``."""
+    with encoders_model(export_dir) as arguments:
+        mlflow.pyfunc.save_model(path=str(path), mlflow_model=mlflow_model, **arguments)
 
 
 def model_digest(path: Path) -> str:

@@ -1,9 +1,16 @@
-"""``register``: one MLflow run per candidate model, and a new version of the registered model.
+"""``register``: the candidate model in its MLflow run, and one version of the registered model.
 
-The run holds everything needed to judge and reproduce the candidate: the parameters (flattened
-``section.key``), the evaluation metrics, the training history (stepped by epoch), the evaluation
-report, the PyTorch model file and the ONNX encoders as a pyfunc model (see :mod:`.pyfunc`). The
-run and the version carry the same provenance tags: git commit, data hash, params hash, gate metric.
+In a pipeline the run is the one the training steps logged to (``run_id``; :mod:`.runs`); from
+the command line (``imtext register``) a new run is opened and the training history is logged
+from ``history.json``. Either way the run ends up with the parameters, the training history,
+the evaluation metrics (linked to the logged model and, when known, the dataset), the evaluation
+report, the PyTorch model file and the ONNX encoders as a pyfunc model (``mlflow.pyfunc.log_model``,
+see :mod:`.pyfunc`). The version carries the run's provenance tags: git commit, data URI, data
+digest and DVC md5, params hash, gate metric, and the run id.
+
+Idempotent: a run already registered (a version tagged ``imtext.run_id`` with its id) is never
+registered again; ``register`` returns that version. A retried request that created two versions
+(MLflow retries a timed-out POST) is cleaned up to the first.
 
 Registering never moves the serving alias; :func:`imtext.registry.promotion.promote` does, behind
 the metric gate. Nothing in the input directories is written.
@@ -16,7 +23,6 @@ this exact source tree, while ``model.pt`` is a state_dict plus config JSON that
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -24,24 +30,26 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlparse
 
-from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric, Param, RunStatus
-from mlflow.models import Model
-from mlflow.tracking import MlflowClient
+import mlflow
+from mlflow.entities import Metric
 
 from imtext import __version__
 from imtext.config import RegisterConfig
 from imtext.errors import ImtextError
 from imtext.registry.export_check import verify_export
 from imtext.registry.provenance import (
+    TAG_DATA_DIGEST,
     TAG_DATA_MD5,
+    TAG_DATA_URI,
     TAG_GATE_METRIC,
     TAG_GATE_VALUE,
     TAG_GIT_COMMIT,
     TAG_IMTEXT_VERSION,
+    TAG_KFP_RUN_ID,
     TAG_MODEL_SHA256,
     TAG_PARAMS_SHA256,
+    TAG_RUN_ID,
     TAG_SIMILARITY,
     canonical_json,
     data_md5,
@@ -52,30 +60,57 @@ from imtext.registry.provenance import (
     params_sha256,
     read_json,
 )
-from imtext.registry.pyfunc import model_digest, save_encoders_model
+from imtext.registry.pyfunc import encoders_model, model_digest
 from imtext.registry.retry import (
     DEFAULT_HINT,
     RegistryError,
     Server,
-    bounded_http_retries,
     no_log,
+    retry_settings,
+    translated,
+)
+from imtext.registry.runs import (
+    DEFAULT_TRACKING_URI,
+    STAGE_TAG_PREFIX,
+    connect,
+    ensure_experiment,
+    local_artifact_root,
+    resolve_tracking_uri,
+    tracking_uri_in_force,
 )
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+__all__ = [
+    "DEFAULT_TRACKING_URI",
+    "RegisteredVersion",
+    "connect",
+    "ensure_experiment",
+    "local_artifact_root",
+    "register",
+    "resolve_tracking_uri",
+]
+
 #: Name of the logged pyfunc model of the ONNX encoders (in the run's "Models" list).
 ENCODERS_MODEL_NAME = "encoders"
-#: Prefix of the training history's metrics in the run (``training.val_rsum`` per epoch).
-HISTORY_PREFIX = "training."
+#: The training history ``imtext register`` logs from ``history.json`` (finetune's), under the
+#: names the pipeline's live logging uses.
+HISTORY_PREFIX = "finetune."
 TRAIN_FILES = ("model.pt", "metrics.json", "history.json", "log.jsonl")
 EXPORT_REQUIRED = ("image_encoder.onnx", "text_encoder.onnx")
-#: MLflow's limits per ``log_batch`` request.
-PARAMS_PER_BATCH = 100
-METRICS_PER_BATCH = 1000
+#: Run tags copied onto the version: where the candidate came from.
+PROVENANCE_TAGS = (
+    TAG_GIT_COMMIT,
+    TAG_IMTEXT_VERSION,
+    TAG_PARAMS_SHA256,
+    TAG_DATA_URI,
+    TAG_DATA_DIGEST,
+    TAG_DATA_MD5,
+    TAG_KFP_RUN_ID,
+)
 
 
 @dataclass(frozen=True)
 class RegisteredVersion:
-    """A model version that ``register`` created: ``models:/<name>/<version>``."""
+    """A model version of a run: ``models:/<name>/<version>``."""
 
     name: str
     version: str
@@ -101,39 +136,6 @@ class Candidate:
     similarity: str = "dot"
 
 
-def resolve_tracking_uri(cfg: RegisterConfig, override: str | None = None) -> str:
-    """The tracking URI in force: the argument, else ``register.tracking_uri``, else
-    ``$MLFLOW_TRACKING_URI``, else the embedded ``sqlite:///mlflow.db``."""
-    return (
-        override
-        or cfg.tracking_uri
-        or os.environ.get("MLFLOW_TRACKING_URI")
-        or DEFAULT_TRACKING_URI
-    )
-
-
-def local_artifact_root(tracking_uri: str) -> str | None:
-    """Where a new experiment keeps its artifacts when MLflow runs embedded on SQLite: an
-    ``mlartifacts`` folder next to the database (what ``mlflow server`` would use), rather than
-    MLflow's ``./mlruns`` in whatever directory the client happens to run. ``None`` for servers,
-    which choose for themselves."""
-    parsed = urlparse(tracking_uri)
-    if parsed.scheme != "sqlite":
-        return None
-    database = unquote(tracking_uri[len("sqlite:///") :])
-    if not database or database == ":memory:":
-        return None
-    return (Path(database).resolve().parent / "mlartifacts").as_uri()
-
-
-def connect(
-    uri: str, cfg: RegisterConfig, log: Callable[[str], None], hint: str = DEFAULT_HINT
-) -> Server:
-    """A retrying client for the tracking server and model registry at ``uri``."""
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    return Server(uri, client, cfg.retries, cfg.retry_backoff_s, hint, log)
-
-
 def register(
     cfg: RegisterConfig,
     *,
@@ -143,48 +145,213 @@ def register(
     export_dir: Path,
     data_dvc: Path | None = Path("data.dvc"),
     tracking_uri: str | None = None,
+    run_id: str | None = None,
     log: Callable[[str], None] = no_log,
 ) -> RegisteredVersion:
-    """Log a candidate model as an MLflow run and register it as a new version of
-    ``cfg.model_name`` (without moving any alias).
+    """Log a candidate model to MLflow run ``run_id`` (a new run when ``None``) and register it
+    as a version of ``cfg.model_name``, unless that run has one already (without moving any
+    alias).
 
-    ``params`` is the whole parameter dict (``params.yaml`` after overrides). Raises
-    :class:`ImtextError` for missing or bad inputs before contacting the server, and
-    :class:`~imtext.registry.retry.RegistryUnavailableError` when the server stays unreachable.
+    ``params`` is the whole parameter dict (``params.yaml`` after overrides); ``data_dvc`` gives
+    a new run its data md5. Raises :class:`ImtextError` for missing or bad inputs before
+    contacting the server, and :class:`~imtext.registry.retry.RegistryUnavailableError` when the
+    server does not answer.
     """
     candidate = read_candidate(cfg, Path(train_dir), Path(eval_dir), Path(export_dir))
-    tags = provenance_tags(cfg, params, data_dvc, candidate.metrics)
-    tags[TAG_SIMILARITY] = candidate.similarity
     uri = resolve_tracking_uri(cfg, tracking_uri)
-    server = connect(uri, cfg, log, register_hint(candidate))
-    with bounded_http_retries():
+    hint = register_hint(candidate)
+    server = connect(uri, cfg, log, hint)
+    with retry_settings(cfg), tracking_uri_in_force(uri):
+        if run_id is not None:
+            done = version_of_run(server, cfg.model_name, run_id)
+            if done is not None:
+                log(f"MLflow run {run_id} is already registered as version {done}; not again")
+                return RegisteredVersion(cfg.model_name, done, run_id, dict(candidate.metrics))
+        with translated("register the candidate", uri, hint):
+            with candidate_run(server, cfg, run_id, params, data_dvc, candidate) as run:
+                version = log_and_register(server, cfg, run, params, candidate)
+    log(f"registered {cfg.model_name!r} version {version} (run {run.info.run_id})")
+    return RegisteredVersion(cfg.model_name, version, run.info.run_id, dict(candidate.metrics))
+
+
+@contextmanager
+def candidate_run(
+    server: Server,
+    cfg: RegisterConfig,
+    run_id: str | None,
+    params: dict[str, Any],
+    data_dvc: Path | None,
+    candidate: Candidate,
+) -> Iterator[Any]:
+    """The run ``register`` logs to, active within the block: ``run_id`` resumed, or a new run
+    with the provenance and the training history that live logging would have given it. Ends
+    FINISHED, or FAILED when the block fails (a half-logged run is not a candidate)."""
+    if run_id is not None:
+        run = mlflow.start_run(run_id=run_id)
+    else:
+        commit = git_commit()
+        tags = {
+            TAG_GIT_COMMIT: commit,
+            "mlflow.source.git.commit": commit,
+            TAG_IMTEXT_VERSION: __version__,
+            TAG_PARAMS_SHA256: params_sha256(params),
+        }
+        md5 = data_md5(data_dvc)
+        if md5 is not None:
+            tags[TAG_DATA_MD5] = md5
         experiment_id = ensure_experiment(server, cfg.experiment)
-        run = server.call(
-            "create the MLflow run",
-            server.client.create_run,
-            experiment_id,
-            tags={**tags, "mlflow.source.git.commit": tags[TAG_GIT_COMMIT]},
-        )
-        run_id = run.info.run_id
-        log(f"MLflow run {run_id} in experiment {cfg.experiment!r} at {uri}")
-        with run_marked_failed_on_error(server, run_id):
-            log_params(server, run_id, params)
-            log_metrics(server, run_id, candidate)
-            log_artifacts(server, run_id, params, candidate)
-            model_id, digest = log_encoders_model(
-                server, run_id, experiment_id, candidate.export_dir, tags
+        run = mlflow.start_run(experiment_id=experiment_id, tags=tags)
+    status = "FAILED"
+    try:
+        if run_id is None:
+            mlflow.log_params(flatten_params(params))
+            log_history(server, run.info.run_id, candidate.history)
+        yield run
+        status = "FINISHED"
+    finally:
+        try:
+            mlflow.end_run(status)
+        except Exception:
+            if status == "FINISHED":
+                raise
+            server.log(f"could not mark MLflow run {run.info.run_id} as failed")
+
+
+def log_history(server: Server, run_id: str, history: list[dict[str, Any]]) -> None:
+    """``history.json`` as metrics stepped by epoch (what the pipeline logs as it trains)."""
+    now = int(time.time() * 1000)
+    rows = history_metrics(history, HISTORY_PREFIX)
+    if rows:
+        metrics = [Metric(key, value, now, step) for key, value, step in rows]
+        server.client.log_batch(run_id, metrics=metrics)
+
+
+def log_and_register(
+    server: Server,
+    cfg: RegisterConfig,
+    run: Any,
+    params: dict[str, Any],
+    candidate: Candidate,
+) -> str:
+    """Everything of the candidate into the active ``run``, then its version; returns it."""
+    run_id = run.info.run_id
+    mlflow.set_tags(
+        {
+            TAG_GATE_METRIC: cfg.gate_metric,
+            TAG_GATE_VALUE: repr(candidate.metrics[cfg.gate_metric]),
+            TAG_SIMILARITY: candidate.similarity,
+            f"{STAGE_TAG_PREFIX}register": "running",
+        }
+    )
+    with encoders_model(candidate.export_dir) as arguments:
+        model = mlflow.pyfunc.log_model(name=ENCODERS_MODEL_NAME, **arguments)
+    stored = server.client.get_logged_model(model.model_id).artifact_location
+    digest = stored_model_digest(stored, candidate.export_dir)
+    # Linked to the model (its page lists them) and, when the run knows its data, the dataset.
+    dataset = run_dataset(server.client.get_run(run_id))
+    mlflow.log_metrics(candidate.metrics, step=0, model_id=model.model_id, dataset=dataset)
+    log_artifacts(params, candidate)
+    tags = {
+        **{key: value for key, value in run_tags(server, run_id).items() if key in PROVENANCE_TAGS},
+        TAG_GATE_METRIC: cfg.gate_metric,
+        TAG_GATE_VALUE: repr(candidate.metrics[cfg.gate_metric]),
+        TAG_SIMILARITY: candidate.similarity,
+        TAG_MODEL_SHA256: digest,
+        TAG_RUN_ID: run_id,
+    }
+    version = create_version(server, cfg, run_id, model.model_uri, tags)
+    mlflow.set_tag(f"{STAGE_TAG_PREFIX}register", "finished")
+    return version
+
+
+def run_tags(server: Server, run_id: str) -> dict[str, str]:
+    return dict(server.client.get_run(run_id).data.tags)
+
+
+def run_dataset(run: Any) -> Any | None:
+    """The run's ``training`` dataset input as an MLflow dataset, or ``None``."""
+    from imtext.registry.runs import DATASET_CONTEXT
+
+    for entry in run.inputs.dataset_inputs if run.inputs else []:
+        contexts = {tag.value for tag in entry.tags if tag.key == "mlflow.data.context"}
+        if DATASET_CONTEXT in contexts:
+            return entry.dataset
+    return None
+
+
+def stored_model_digest(artifact_uri: str, export_dir: Path) -> str:
+    """:func:`~imtext.registry.pyfunc.model_digest` of the model as the artifact store holds it
+    (``artifact_uri``: where serving downloads it from), after checking that its export files are byte for byte ``export_dir``'s (what serving runs
+    on); serving checks the digest before every load."""
+    import mlflow.artifacts
+    from mlflow.models import Model
+
+    from imtext.registry.pyfunc import EXPORT_ARTIFACT
+
+    with tempfile.TemporaryDirectory(prefix="imtext-model-") as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=tmp))
+        meta = Model.load(str(local / "MLmodel"))
+        recorded = meta.flavors["python_function"]["artifacts"][EXPORT_ARTIFACT]["path"]
+        if model_digest(local / recorded) != model_digest(export_dir):
+            raise RegistryError(
+                f"{artifact_uri}: the export files in the artifact store differ from {export_dir} "
+                "right after upload; check the artifact store, then register again"
             )
-            version = create_version(
-                server, cfg, run_id, model_id, {**tags, TAG_MODEL_SHA256: digest}
-            )
-            server.call(
-                "finish the MLflow run",
-                server.client.set_terminated,
-                run_id,
-                RunStatus.to_string(RunStatus.FINISHED),
-            )
-    log(f"registered {cfg.model_name!r} version {version} (run {run_id})")
-    return RegisteredVersion(cfg.model_name, str(version), run_id, dict(candidate.metrics))
+        return model_digest(local)
+
+
+def log_artifacts(params: dict[str, Any], candidate: Candidate) -> None:
+    """The evaluation report, the training outputs, the export's parity evidence and the params."""
+    mlflow.log_artifacts(str(candidate.eval_dir), "evaluation")
+    for name in TRAIN_FILES:
+        path = candidate.train_dir / name
+        if path.is_file():
+            mlflow.log_artifact(str(path), "training")
+    parity = candidate.export_dir / "parity.json"
+    if parity.is_file():
+        mlflow.log_artifact(str(parity), "export")
+    mlflow.log_text(canonical_json(params), "params.json")
+
+
+def version_of_run(server: Server, name: str, run_id: str) -> str | None:
+    """The lowest version of ``name`` registered from ``run_id`` (tag ``imtext.run_id``)."""
+    found = versions_of_run(server, name, run_id)
+    return found[0] if found else None
+
+
+def versions_of_run(server: Server, name: str, run_id: str) -> list[str]:
+    versions = server.call(
+        f"look for versions of {name!r} from run {run_id}",
+        server.client.search_model_versions,
+        f"name = '{name}' and run_id = '{run_id}'",
+    )
+    mine = [v for v in versions or [] if (v.tags or {}).get(TAG_RUN_ID) == run_id]
+    return sorted((str(v.version) for v in mine), key=int)
+
+
+def create_version(
+    server: Server, cfg: RegisterConfig, run_id: str, model_uri: str, tags: dict[str, str]
+) -> str:
+    """The version of ``cfg.model_name`` for ``run_id``: one made now from ``model_uri``, or the
+    one that exists already (created by an earlier attempt)."""
+    done = version_of_run(server, cfg.model_name, run_id)
+    if done is not None:
+        return done
+    created = mlflow.register_model(model_uri, cfg.model_name, tags=tags)
+    server.client.update_model_version(
+        cfg.model_name,
+        created.version,
+        description=(
+            f"{cfg.gate_metric} {tags[TAG_GATE_VALUE]} at commit "
+            f"{tags.get(TAG_GIT_COMMIT, 'unknown')[:12]}"
+        ),
+    )
+    # A retried request (its answer lost) may have made a second version: keep the first.
+    first, *extra = versions_of_run(server, cfg.model_name, run_id) or [str(created.version)]
+    for version in extra:
+        server.log(f"deleting version {version}: a duplicate of version {first} (run {run_id})")
+        server.client.delete_model_version(cfg.model_name, version)
+    return first
 
 
 def read_candidate(
@@ -226,229 +393,9 @@ def read_candidate(
     return Candidate(train_dir, eval_dir, export_dir, metrics, history, similarity)
 
 
-def provenance_tags(
-    cfg: RegisterConfig, params: dict[str, Any], dvc_file: Path | None, metrics: dict[str, float]
-) -> dict[str, str]:
-    """Tags of the run and the version: where the candidate came from and its gate metric."""
-    tags = {
-        TAG_GIT_COMMIT: git_commit(),
-        TAG_IMTEXT_VERSION: __version__,
-        TAG_PARAMS_SHA256: params_sha256(params),
-        TAG_GATE_METRIC: cfg.gate_metric,
-        TAG_GATE_VALUE: repr(metrics[cfg.gate_metric]),
-    }
-    data_hash = data_md5(dvc_file)
-    if data_hash is not None:
-        tags[TAG_DATA_MD5] = data_hash
-    return tags
-
-
 def register_hint(candidate: Candidate) -> str:
     return (
         f"{DEFAULT_HINT}. Nothing was changed on disk: the outputs are still in "
         f"{candidate.train_dir}, {candidate.eval_dir} and {candidate.export_dir}; re-run "
         "`imtext register` once the server answers"
     )
-
-
-def ensure_experiment(server: Server, name: str) -> str:
-    """The id of experiment ``name``, created if missing."""
-    client = server.client
-    experiment = server.call("look up the experiment", client.get_experiment_by_name, name)
-    if experiment is None:
-        try:
-            return server.call(
-                "create the experiment",
-                client.create_experiment,
-                name,
-                artifact_location=local_artifact_root(server.uri),
-            )
-        except RegistryError:
-            # Another run may have created it between our two calls.
-            experiment = server.call("look up the experiment", client.get_experiment_by_name, name)
-            if experiment is None:
-                raise
-    if experiment.lifecycle_stage != "active":
-        raise RegistryError(
-            f"experiment {name!r} at {server.uri} is deleted; restore it (`mlflow experiments "
-            "restore`) or set register.experiment to another name"
-        )
-    return experiment.experiment_id
-
-
-@contextmanager
-def run_marked_failed_on_error(server: Server, run_id: str) -> Iterator[None]:
-    """Mark the run FAILED when the block fails, so a half-logged run is not mistaken for a
-    candidate; one attempt only, since the server may be the thing that failed."""
-    try:
-        yield
-    except BaseException:
-        try:
-            server.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
-        except Exception:
-            server.log(f"could not mark MLflow run {run_id} as failed")
-        raise
-
-
-def log_params(server: Server, run_id: str, params: dict[str, Any]) -> None:
-    flat = [Param(key, value) for key, value in sorted(flatten_params(params).items())]
-    for start in range(0, len(flat), PARAMS_PER_BATCH):
-        server.call(
-            "log the parameters",
-            server.client.log_batch,
-            run_id,
-            params=flat[start : start + PARAMS_PER_BATCH],
-        )
-
-
-def log_metrics(server: Server, run_id: str, candidate: Candidate) -> None:
-    """The evaluation metrics (step 0) and the training history (``training.*``, step = epoch)."""
-    now = int(time.time() * 1000)
-    rows = [(key, value, 0) for key, value in candidate.metrics.items()]
-    rows += history_metrics(candidate.history, HISTORY_PREFIX)
-    metrics = [Metric(key, value, now, step) for key, value, step in rows]
-    for start in range(0, len(metrics), METRICS_PER_BATCH):
-        server.call(
-            "log the metrics",
-            server.client.log_batch,
-            run_id,
-            metrics=metrics[start : start + METRICS_PER_BATCH],
-        )
-
-
-def log_artifacts(
-    server: Server, run_id: str, params: dict[str, Any], candidate: Candidate
-) -> None:
-    """The evaluation report, the training outputs, the export's parity evidence and the params."""
-    client = server.client
-    server.call(
-        "upload the evaluation report",
-        client.log_artifacts,
-        run_id,
-        str(candidate.eval_dir),
-        "evaluation",
-    )
-    for name in TRAIN_FILES:
-        path = candidate.train_dir / name
-        if path.is_file():
-            server.call(f"upload {name}", client.log_artifact, run_id, str(path), "training")
-    parity = candidate.export_dir / "parity.json"
-    if parity.is_file():
-        server.call("upload parity.json", client.log_artifact, run_id, str(parity), "export")
-    server.call(
-        "upload params.json",
-        client.log_text,
-        run_id,
-        canonical_json(params),
-        "params.json",
-    )
-
-
-def log_encoders_model(
-    server: Server, run_id: str, experiment_id: str, export_dir: Path, tags: dict[str, str]
-) -> tuple[str, str]:
-    """Log the ONNX encoders as a pyfunc model of the run; returns its logged-model id and the
-    :func:`~imtext.registry.pyfunc.model_digest` of the files uploaded.
-
-    Done step by step (rather than ``mlflow.pyfunc.log_model``) so every request goes through the
-    retries and no global MLflow state (tracking URI, active run) is touched.
-    """
-    client = server.client
-    model = server.call(
-        "create the logged model",
-        client.create_logged_model,
-        experiment_id,
-        name=ENCODERS_MODEL_NAME,
-        source_run_id=run_id,
-        tags=tags,
-    )
-    with tempfile.TemporaryDirectory(prefix="imtext-model-") as tmp:
-        path = Path(tmp) / "model"
-        record = Model(
-            artifact_path=model.artifact_location,
-            run_id=run_id,
-            model_uuid=model.model_id,
-            model_id=model.model_id,
-        )
-        save_encoders_model(export_dir, path, record)
-        # Hashed before upload: what serving downloads must hash the same (load_champion).
-        digest = model_digest(path)
-        server.call(
-            "upload the encoders model", client.log_model_artifacts, model.model_id, str(path)
-        )
-    server.call(
-        "link the model to the run",
-        client.log_outputs,
-        run_id,
-        [LoggedModelOutput(model.model_id, step=0)],
-    )
-    server.call(
-        "finalize the logged model",
-        client.finalize_logged_model,
-        model.model_id,
-        LoggedModelStatus.READY,
-    )
-    return model.model_id, digest
-
-
-def with_global_tracking_uri(uri: str, call: Callable[..., Any]) -> Callable[..., Any]:
-    """``call`` run with MLflow's global tracking URI set to ``uri``.
-
-    ``create_model_version`` resolves its ``models:/m-...`` source through the global tracking
-    URI, not the client's, so without this a store other than the process default fails with
-    "Logged model ... not found".
-    """
-    import mlflow
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
-    def wrapped(*args: Any, **kwargs: Any) -> Any:
-        # set_tracking_uri also writes $MLFLOW_TRACKING_URI (and unsets it when restoring None),
-        # so both the global (read raw: get_tracking_uri() would fold the variable into it) and
-        # the variable are put back exactly as they were.
-        env_before = os.environ.get("MLFLOW_TRACKING_URI")
-        global_before = tracking_utils._tracking_uri
-        mlflow.set_tracking_uri(uri)
-        try:
-            return call(*args, **kwargs)
-        finally:
-            mlflow.set_tracking_uri(global_before)
-            if env_before is None:
-                os.environ.pop("MLFLOW_TRACKING_URI", None)
-            else:
-                os.environ["MLFLOW_TRACKING_URI"] = env_before
-
-    return wrapped
-
-
-def create_version(
-    server: Server, cfg: RegisterConfig, run_id: str, model_id: str, tags: dict[str, str]
-) -> str:
-    """A new version of ``cfg.model_name`` (created if missing) from the logged model."""
-    client = server.client
-    existing = server.call(
-        "look up the registered model",
-        client.get_registered_model,
-        cfg.model_name,
-        missing_ok=True,
-    )
-    if existing is None:
-        try:
-            server.call(
-                "create the registered model", client.create_registered_model, cfg.model_name
-            )
-        except RegistryError:
-            # Another run may have created it in the meantime; a real refusal shows up below.
-            pass
-    version = server.call(
-        "register the new model version",
-        with_global_tracking_uri(server.uri, client.create_model_version),
-        cfg.model_name,
-        f"models:/{model_id}",
-        run_id=run_id,
-        tags=tags,
-        description=(
-            f"{cfg.gate_metric} {tags[TAG_GATE_VALUE]} at commit {tags[TAG_GIT_COMMIT][:12]}"
-        ),
-        model_id=model_id,
-    )
-    return str(version.version)
