@@ -4,6 +4,7 @@ Each component marshals its parameters and artifact paths into one call of an im
 function; ``imtext`` is imported only inside component bodies, which run in the image.
 """
 
+from components.digest import digest
 from components.evaluate import evaluate
 from components.export import export
 from components.finetune import finetune
@@ -15,6 +16,7 @@ from components.register import register
 
 __all__ = [
     "IMAGE",
+    "digest",
     "evaluate",
     "export",
     "finetune",

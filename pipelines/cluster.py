@@ -30,6 +30,7 @@ S3_ENV = {
     "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
 }
 SECRET_ENV = {
+    "digest": S3_ENV,
     "prepare": S3_ENV,
     # The training steps log to the tracking server as they train (imtext.registry.runs).
     "pretrain": MLFLOW_ENV,
@@ -42,6 +43,7 @@ SECRET_ENV = {
 #: sized for the paper's models on Flickr30k/COCO with one GPU; the data loaders decode images on
 #: the CPUs.
 RESOURCES = {
+    "digest": ("500m", "1", "512Mi", "1Gi"),
     "prepare": ("4", "8", "8Gi", "16Gi"),
     "pretrain": ("8", "16", "32Gi", "64Gi"),
     "finetune": ("8", "16", "32Gi", "64Gi"),
@@ -60,10 +62,20 @@ GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSc
 #: PyTorch data-loader workers pass batches through /dev/shm, which a container gets only 64 MB of.
 SHM_SIZE = "8Gi"
 
-#: Training survives a preempted or failed node; a rerun starts the step again.
+#: Training survives a preempted or failed node: a retried step resumes from the checkpoint its
+#: earlier attempt left on the workspace volume (imtext.orchestrate.step_workdir).
 RETRY_STEPS = ("pretrain", "finetune")
 RETRIES = 2
 RETRY_BACKOFF = "120s"
+
+#: The ReadWriteMany volume of k8s/training/workspace-pvc.yaml, mounted in the training steps at
+#: WORKSPACE: checkpoints live at WORKSPACE/runs/<KFP run id>/<step> for the run's duration.
+WORKSPACE_PVC = "imtext-workspace"
+WORKSPACE = "/workspace"
+#: The KFP API server labels every pod of a run with the run's id. Read through the downward API,
+#: not passed as an input: an input would be part of KFP's cache key and no step would ever be
+#: taken from the cache.
+RUN_ID_FIELD = "metadata.labels['pipeline/runid']"
 
 
 def configure_for_cluster(tasks: dict[str, dsl.PipelineTask]) -> None:
@@ -90,7 +102,16 @@ def configure_for_cluster(tasks: dict[str, dsl.PipelineTask]) -> None:
             )
         if name in RETRY_STEPS:
             task.set_retry(num_retries=RETRIES, backoff_duration=RETRY_BACKOFF, backoff_factor=2.0)
+            mount_workspace(task)
         if name in SECRET_ENV:
             kubernetes.use_secret_as_env(
                 task, secret_name=SECRET_NAME, secret_key_to_env=SECRET_ENV[name]
             )
+
+
+def mount_workspace(task: dsl.PipelineTask) -> None:
+    """The workspace volume at WORKSPACE, and the two variables that locate the step's directory
+    on it (``IMTEXT_WORKSPACE``, ``IMTEXT_RUN_ID``: imtext.orchestrate reads them)."""
+    kubernetes.mount_pvc(task, pvc_name=WORKSPACE_PVC, mount_path=WORKSPACE)
+    task.set_env_variable("IMTEXT_WORKSPACE", WORKSPACE)
+    kubernetes.use_field_path_as_env(task, env_name="IMTEXT_RUN_ID", field_path=RUN_ID_FIELD)

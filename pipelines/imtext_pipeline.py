@@ -1,6 +1,8 @@
-"""The imtext DAG: prepare -> pretrain -> finetune -> evaluate -> export -> register -> promote.
+"""The imtext DAG: digest -> prepare -> pretrain -> finetune -> evaluate -> export -> register -> promote.
 
-``promote`` runs only when ``register`` found the candidate better than the serving champion (the
+``digest`` never comes from KFP's cache: it computes the content digest of the data, an input of
+``prepare``, so that ``prepare`` and everything after it are taken from the cache only when the
+data is the same, not merely its location. ``promote`` runs only when ``register`` found the candidate better than the serving champion (the
 ``dsl.If`` gate); ``register`` and ``promote`` never come from KFP's cache, since they change the
 model registry. The same DAG runs on a cluster (compiled with the settings of
 :mod:`pipelines.cluster`) and on a workstation with KFP's local runner (without them).
@@ -14,8 +16,8 @@ import yaml
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, Markdown
 
-from components import evaluate, export, finetune, prepare, pretrain, promote, register
-from pipelines.cluster import configure_for_cluster
+from components import digest, evaluate, export, finetune, prepare, pretrain, promote, register
+from pipelines.cluster import RETRY_STEPS, configure_for_cluster
 from pipelines.errors import PipelineError
 
 PIPELINE_NAME = "imtext"
@@ -54,10 +56,12 @@ def compact_params(text: str) -> str:
     return json.dumps(params, separators=(",", ":"))
 
 
-def build_pipeline(params: str | None = None, *, for_cluster: bool = True):
+def build_pipeline(params: str | None = None, *, for_cluster: bool = True, retries: int = 0):
     """The pipeline, with ``params`` (the text of a params.yaml; default: the repository's) as the
     default of its ``params`` argument; ``for_cluster`` adds the settings of
-    :mod:`pipelines.cluster` (resources, GPUs, retries, the credentials secret)."""
+    :mod:`pipelines.cluster` (resources, GPUs, retries, the workspace volume, the credentials
+    secret). Without them, ``retries`` is how often KFP's local runner retries a failed training
+    step, at once (it resumes from its checkpoint)."""
     default_params = compact_params(
         PARAMS_FILE.read_text(encoding="utf-8") if params is None else params
     )
@@ -93,8 +97,10 @@ def build_pipeline(params: str | None = None, *, for_cluster: bool = True):
             device: Training and evaluation device: auto, cpu, cuda or cuda:N.
         """
         settings = {"params": params, "overrides": overrides}
+        digest_task = digest(data=data)
         prepare_task = prepare(
             data=data,
+            data_digest=digest_task.output,
             annotations=annotations,
             images=images,
             data_format=data_format,
@@ -137,6 +143,7 @@ def build_pipeline(params: str | None = None, *, for_cluster: bool = True):
                 **settings,
             )
         tasks = {
+            "digest": digest_task,
             "prepare": prepare_task,
             "pretrain": pretrain_task,
             "finetune": finetune_task,
@@ -145,10 +152,13 @@ def build_pipeline(params: str | None = None, *, for_cluster: bool = True):
             "register": register_task,
             "promote": promote_task,
         }
-        for name in ("register", "promote"):
+        for name in ("digest", "register", "promote"):
             tasks[name].set_caching_options(enable_caching=False)
         if for_cluster:
             configure_for_cluster(tasks)
+        elif retries:
+            for name in RETRY_STEPS:
+                tasks[name].set_retry(num_retries=retries, backoff_duration="0s")
         return PipelineOutputs(
             evaluation=evaluate_task.outputs["evaluation"],
             recall_table=evaluate_task.outputs["recall_table"],

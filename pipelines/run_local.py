@@ -48,13 +48,16 @@ def run_local(
     *,
     params: str,
     cache: bool = False,
+    retries: int = 0,
     events: StepEvents | None = None,
 ) -> LocalRun:
     """Run the pipeline with ``arguments`` (its parameters by name) and wait for it.
 
     ``params`` (params.yaml text) is also the default of the ``params`` argument. With ``cache``,
     a step whose component, arguments and input artifacts match an earlier run under
-    ``pipeline_root`` reuses that run's outputs (``register`` and ``promote`` always run).
+    ``pipeline_root`` reuses that run's outputs (``digest``, ``register`` and ``promote`` always
+    run; ``prepare`` is keyed on the data's digest). A training step that fails is run again up
+    to ``retries`` times, resuming from the checkpoint of its last finished epoch.
 
     Without ``events`` the runner's whole log goes to stdout, as KFP prints it. With ``events``,
     each step's log goes to ``<step>/<step>.log`` in its output directory and ``events`` hears of
@@ -70,7 +73,7 @@ def run_local(
         cache_root=str(pipeline_root / ".kfp_cache") if cache else None,
     )
     earlier = set(pipeline_root.glob(f"{PIPELINE_NAME}-*"))
-    pipeline = build_pipeline(params, for_cluster=False)
+    pipeline = build_pipeline(params, for_cluster=False, retries=retries)
     if "params" in arguments:  # one line in the runner's log of every step, not the whole file
         arguments = {**arguments, "params": compact_params(arguments["params"])}
     with warnings.catch_warnings():

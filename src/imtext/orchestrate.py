@@ -16,7 +16,7 @@ import importlib
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -81,6 +81,46 @@ def log_metrics(artifact: Any, values: dict[str, Any]) -> None:
     path.write_text(json.dumps(dict(artifact.metadata), indent=1) + "\n", encoding="utf-8")
 
 
+#: On a cluster, the mount of the shared training volume (a PVC) and the KFP run's id: a training
+#: step keeps its checkpoint at WORKSPACE/runs/RUN_ID/<stage>, where a retried step finds it.
+WORKSPACE_ENV = "IMTEXT_WORKSPACE"
+RUN_ID_ENV = "IMTEXT_RUN_ID"
+#: What a training step hands on in its ``model`` output (its working directory holds no more).
+TRAIN_OUTPUTS = ("model.pt", "checkpoint.pt", "history.json", "metrics.json", "log.jsonl")
+
+
+def step_workdir(stage: str, out: Path, env: Mapping[str, str]) -> Path:
+    """Where a training step trains, so that a retry of the step resumes from its checkpoint.
+
+    Without ``IMTEXT_WORKSPACE`` (KFP's local runner, which retries a step in the same output
+    directory) that is ``out`` itself. With it (a cluster step whose output directory is new in
+    every pod) it is ``$IMTEXT_WORKSPACE/runs/$IMTEXT_RUN_ID/<stage>`` on the shared volume: one
+    directory per pipeline run and step, which no other run writes.
+    """
+    workspace = env.get(WORKSPACE_ENV, "").strip()
+    if not workspace:
+        return Path(out)
+    run_id = env.get(RUN_ID_ENV, "").strip()
+    if not run_id or "/" in run_id or run_id in (".", ".."):
+        raise ImtextError(
+            f"{WORKSPACE_ENV} is set ({workspace}) but {RUN_ID_ENV} is {run_id!r}, not a run id; "
+            "compile the pipeline with pipelines/cluster.py, which sets both"
+        )
+    return Path(workspace) / "runs" / run_id / stage
+
+
+def hand_on(work: Path, out: Path) -> None:
+    """Copy a finished stage's files from its working directory to the step's output, then
+    remove the working directory (imtext made it; the run's other steps' stay)."""
+    import shutil
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name in TRAIN_OUTPUTS:
+        if (work / name).is_file():
+            shutil.copy2(work / name, out / name)
+    shutil.rmtree(work)
+
+
 def train_step(
     stage: str,
     params: dict[str, Any],
@@ -90,37 +130,49 @@ def train_step(
     init: Path | None = None,
     device: str = "auto",
     also_log: Callable[[dict[str, float], int], None] | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> dict[str, float]:
     """A pipeline's ``pretrain`` or ``finetune`` step: ``train_stage`` with the step's parameters,
-    every logged step's metrics printed (KFP's log), appended to ``out/log.jsonl`` and passed to
-    ``also_log`` (the MLflow run's logger)."""
+    every logged step's metrics printed (KFP's log), appended to ``log.jsonl`` and passed to
+    ``also_log`` (the MLflow run's logger).
+
+    It always resumes: the directory it trains in (:func:`step_workdir`, from ``env``, default
+    the process environment) belongs to this run and step, so a checkpoint found there was
+    written by an earlier attempt of this very step, and a retry continues after its last epoch
+    with the result an uninterrupted run would have had.
+    """
     import json
 
     from imtext.config import stage_config_from_params
     from imtext.train.loop import train_stage
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    work = step_workdir(stage, out, os.environ if env is None else env)
+    work.mkdir(parents=True, exist_ok=True)
 
     def log(step_metrics: dict[str, float], step: int) -> None:
         line = json.dumps({"stage": stage, "step": step, **step_metrics})
         print(line, flush=True)
-        with (out / "log.jsonl").open("a", encoding="utf-8") as file:
+        with (work / "log.jsonl").open("a", encoding="utf-8") as file:
             file.write(line + "\n")
         if also_log is not None:
             also_log(step_metrics, step)
 
-    return train_stage(
+    result = train_stage(
         stage,
         stage_config_from_params("model", params),
         stage_config_from_params(stage, params),
         Path(prepared),
-        out,
+        work,
         init=init,
+        resume=True,
         device=device,
         log=log,
         progress=False,
     )
+    if work != out:
+        hand_on(work, out)
+    return result
 
 
 # --- loading pipelines/ and components/ ---------------------------------------------------------
@@ -238,6 +290,7 @@ def _run_local(args: argparse.Namespace) -> None:
         args.out,
         params=params_text,
         cache=args.cache,
+        retries=args.retries,
         events=console,
     )
 
@@ -426,8 +479,17 @@ def add_pipeline_parser(sub: argparse._SubParsersAction) -> None:
         "--cache",
         action="store_true",
         help="reuse the outputs of an earlier run under --out for each step whose component, "
-        "arguments and inputs are unchanged (register and promote always run). The key does not "
-        "cover the imtext package's own code: after changing it, run without --cache",
+        "arguments and inputs are unchanged (register and promote always run; prepare reruns "
+        "when the data's content digest changes). The key does not cover the imtext package's "
+        "own code: after changing it, run without --cache",
+    )
+    p.add_argument(
+        "--retries",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run a failed pretrain or finetune step again up to N times; each retry resumes "
+        "from the checkpoint of the last finished epoch (default: %(default)s)",
     )
     p.add_argument(
         "--tracking-uri",

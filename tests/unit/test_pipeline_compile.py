@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from imtext.errors import ConfigError
+from imtext.errors import ConfigError, ImtextError
 from imtext.orchestrate import add_pipeline_parser, step_params
 from tests.conftest import REPO
 
-STEPS = ("prepare", "pretrain", "finetune", "evaluate", "export", "register", "promote")
+STEPS = ("digest", "prepare", "pretrain", "finetune", "evaluate", "export", "register", "promote")
 GPU_STEPS = {"pretrain", "finetune", "evaluate"}
 SECRET = "imtext-credentials"
 
@@ -58,7 +58,7 @@ def executor(spec: dict, task: dict) -> str:
     return spec["components"][task["componentRef"]["name"]]["executorLabel"]
 
 
-def test_seven_steps_in_dag_order(package):
+def test_eight_steps_in_dag_order(package):
     spec, _ = package
     tasks = all_tasks(spec)
     assert set(tasks) == set(STEPS)
@@ -73,6 +73,19 @@ def test_seven_steps_in_dag_order(package):
 
     for i, name in enumerate(STEPS):
         assert upstream(name) == set(STEPS[:i]), name
+
+
+def test_prepare_is_keyed_on_the_data_digest_which_is_never_cached(package):
+    """KFP's cache key of a step holds its inputs: the digest makes prepare's change with the
+    data (tests/pipeline/test_kfp_local.py runs it)."""
+    spec, _ = package
+    tasks = all_tasks(spec)
+    argument = tasks["prepare"][0]["inputs"]["parameters"]["data_digest"]
+    assert argument == {
+        "taskOutputParameter": {"producerTask": "digest", "outputParameterKey": "Output"}
+    }
+    assert tasks["digest"][0]["inputs"]["parameters"]["data"] == {"componentInputParameter": "data"}
+    assert not tasks["digest"][0].get("cachingOptions", {}).get("enableCache")
 
 
 def test_promote_is_gated_on_registers_verdict(package):
@@ -127,13 +140,37 @@ def test_retries_on_training_and_no_caching_for_the_registry(package):
         retries = task.get("retryPolicy", {}).get("maxRetryCount", 0)
         assert (retries > 0) == (name in ("pretrain", "finetune")), name
         cached = task.get("cachingOptions", {}).get("enableCache", False)
-        assert cached == (name not in ("register", "promote")), name
+        assert cached == (name not in ("digest", "register", "promote")), name
+
+
+def test_training_steps_keep_checkpoints_on_the_workspace_volume_per_run(package):
+    """A retried pod finds its predecessor's checkpoint: the PVC at /workspace, the directory
+    named by the run id from the pod's label (not an input, which would defeat the cache)."""
+    from imtext.orchestrate import RUN_ID_ENV, WORKSPACE_ENV
+
+    spec, platform = package
+    for name, (task, _) in all_tasks(spec).items():
+        label = executor(spec, task)
+        config = platform.get(label, {})
+        env = spec["deploymentSpec"]["executors"][label]["container"].get("env", [])
+        if name in ("pretrain", "finetune"):
+            (mount,) = config["pvcMount"]
+            assert (mount["constant"], mount["mountPath"]) == ("imtext-workspace", "/workspace")
+            assert env == [{"name": WORKSPACE_ENV, "value": "/workspace"}]
+            assert config["fieldPathAsEnv"] == [
+                {"name": RUN_ID_ENV, "fieldPath": "metadata.labels['pipeline/runid']"}
+            ]
+            assert "run_id" not in task["inputs"]["parameters"]
+        else:
+            assert "pvcMount" not in config and not env, name
 
 
 def test_credentials_come_from_the_secret_only(package):
     spec, platform = package
+    s3 = {"AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
     expected = {
-        "prepare": {"AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"},
+        "digest": s3,
+        "prepare": s3,
         "register": {
             "MLFLOW_TRACKING_URI",
             "MLFLOW_TRACKING_USERNAME",
@@ -312,3 +349,28 @@ def test_settings_that_do_not_fit_together_fail_before_any_step(tmp_path, comman
     with pytest.raises(ConfigError, match=r"finetune: ranking: 'logistic' trains the pair scores"):
         cli(command, "--repo", str(REPO), *argv)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_training_step_trains_in_its_output_locally_and_on_the_volume_on_a_cluster(tmp_path):
+    from imtext.orchestrate import step_workdir
+
+    out = tmp_path / "finetune" / "model"
+    assert step_workdir("finetune", out, {}) == out
+    cluster = {"IMTEXT_WORKSPACE": "/workspace", "IMTEXT_RUN_ID": "4f1c-77"}
+    assert step_workdir("finetune", out, cluster) == Path("/workspace/runs/4f1c-77/finetune")
+    for bad in ("", " ", "..", "a/b"):
+        with pytest.raises(ImtextError, match="IMTEXT_RUN_ID is .*not a run id"):
+            step_workdir("pretrain", out, {**cluster, "IMTEXT_RUN_ID": bad})
+
+
+def test_a_finished_stage_is_handed_on_and_its_workdir_removed(tmp_path):
+    from imtext.orchestrate import TRAIN_OUTPUTS, hand_on
+
+    work, out = tmp_path / "runs" / "r1" / "pretrain", tmp_path / "out"
+    work.mkdir(parents=True)
+    for name in TRAIN_OUTPUTS:
+        (work / name).write_text(name)
+    (tmp_path / "runs" / "r1" / "finetune").mkdir()  # another step's: left alone
+    hand_on(work, out)
+    assert {p.name: p.read_text() for p in out.iterdir()} == {n: n for n in TRAIN_OUTPUTS}
+    assert not work.exists() and (tmp_path / "runs" / "r1" / "finetune").is_dir()

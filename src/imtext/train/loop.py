@@ -584,7 +584,9 @@ def _train_stage(stage, model_cfg, cfg, prepared, out_dir, init, resume, info, l
         )
     from tqdm import tqdm
 
-    stop = False
+    # A run resumed after it stopped early stays stopped (a retried pipeline step must not train
+    # past the epoch the uninterrupted run stopped at).
+    stop = cfg.patience is not None and state.bad_evals >= cfg.patience
     while state.epoch < cfg.epochs and not stop:
         epoch = state.epoch
         torch.manual_seed(epoch_seed(cfg.seed, epoch, info.rank))
