@@ -8,6 +8,7 @@ from components.digest import digest
 from components.evaluate import evaluate
 from components.export import export
 from components.finetune import finetune
+from components.finetune_job import finetune_job
 from components.image import IMAGE
 from components.prepare import prepare
 from components.pretrain import pretrain
@@ -20,6 +21,7 @@ __all__ = [
     "evaluate",
     "export",
     "finetune",
+    "finetune_job",
     "prepare",
     "pretrain",
     "promote",

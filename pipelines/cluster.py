@@ -35,6 +35,7 @@ SECRET_ENV = {
     # The training steps log to the tracking server as they train (imtext.registry.runs).
     "pretrain": MLFLOW_ENV,
     "finetune": MLFLOW_ENV,
+    "finetune-job": MLFLOW_ENV,
     "register": MLFLOW_ENV,
     "promote": MLFLOW_ENV,
 }
@@ -47,6 +48,9 @@ RESOURCES = {
     "prepare": ("4", "8", "8Gi", "16Gi"),
     "pretrain": ("8", "16", "32Gi", "64Gi"),
     "finetune": ("8", "16", "32Gi", "64Gi"),
+    # Multi-node Stage II: this step copies the inputs to the workspace and waits for the
+    # PyTorchJob, whose pods hold the GPUs.
+    "finetune-job": ("500m", "1", "2Gi", "4Gi"),
     "evaluate": ("4", "8", "16Gi", "32Gi"),
     "export": ("2", "4", "8Gi", "16Gi"),
     "register": ("1", "2", "2Gi", "4Gi"),
@@ -64,7 +68,7 @@ SHM_SIZE = "8Gi"
 
 #: Training survives a preempted or failed node: a retried step resumes from the checkpoint its
 #: earlier attempt left on the workspace volume (imtext.orchestrate.step_workdir).
-RETRY_STEPS = ("pretrain", "finetune")
+RETRY_STEPS = ("pretrain", "finetune", "finetune-job")
 RETRIES = 2
 RETRY_BACKOFF = "120s"
 

@@ -16,8 +16,19 @@ import yaml
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, Markdown
 
-from components import digest, evaluate, export, finetune, prepare, pretrain, promote, register
-from pipelines.cluster import RETRY_STEPS, configure_for_cluster
+from components import (
+    IMAGE,
+    digest,
+    evaluate,
+    export,
+    finetune,
+    finetune_job,
+    prepare,
+    pretrain,
+    promote,
+    register,
+)
+from pipelines.cluster import GPUS_PER_STEP, RETRY_STEPS, configure_for_cluster
 from pipelines.errors import PipelineError
 
 PIPELINE_NAME = "imtext"
@@ -31,6 +42,9 @@ PARAMS_FILE = REPO / "params.yaml"
 #: Where a cluster run reads the raw data unless told otherwise (the built-in dataset, uploaded
 #: with ``aws s3 sync data/shapes s3://imtext-data/datasets/shapes``).
 DEFAULT_DATA = "s3://imtext-data/datasets/shapes"
+#: The PyTorchJob a multi-node finetune starts (``finetune_nodes > 1``): the kustomize component's
+#: manifest, read when compiling; the step sets its name, image, replicas and command.
+JOB_TEMPLATE = REPO / "k8s" / "training" / "finetune-pytorchjob.yaml"
 
 
 class PipelineOutputs(NamedTuple):
@@ -56,12 +70,40 @@ def compact_params(text: str) -> str:
     return json.dumps(params, separators=(",", ":"))
 
 
-def build_pipeline(params: str | None = None, *, for_cluster: bool = True, retries: int = 0):
+def job_template() -> str:
+    """:data:`JOB_TEMPLATE` as one line of JSON."""
+    try:
+        return json.dumps(yaml.safe_load(JOB_TEMPLATE.read_text(encoding="utf-8")))
+    except (OSError, yaml.YAMLError) as exc:
+        raise PipelineError(
+            f"{JOB_TEMPLATE}: cannot read the PyTorchJob template ({exc})"
+        ) from None
+
+
+def build_pipeline(
+    params: str | None = None,
+    *,
+    for_cluster: bool = True,
+    retries: int = 0,
+    finetune_nodes: int = 1,
+):
     """The pipeline, with ``params`` (the text of a params.yaml; default: the repository's) as the
     default of its ``params`` argument; ``for_cluster`` adds the settings of
     :mod:`pipelines.cluster` (resources, GPUs, retries, the workspace volume, the credentials
     secret). Without them, ``retries`` is how often KFP's local runner retries a failed training
-    step, at once (it resumes from its checkpoint)."""
+    step, at once (it resumes from its checkpoint).
+
+    With ``finetune_nodes`` > 1 (cluster only) Stage II is the ``finetune-job`` step: a
+    PyTorchJob of that many pods on the Kubeflow Training Operator instead of one process.
+    """
+    if finetune_nodes < 1:
+        raise PipelineError(f"finetune nodes: {finetune_nodes}; expected 1 or more")
+    if finetune_nodes > 1 and not for_cluster:
+        raise PipelineError(
+            f"finetune nodes: {finetune_nodes}; the local runner trains in one process "
+            "(a PyTorchJob needs a cluster): leave it at 1"
+        )
+    template = job_template() if finetune_nodes > 1 else ""
     default_params = compact_params(
         PARAMS_FILE.read_text(encoding="utf-8") if params is None else params
     )
@@ -112,14 +154,23 @@ def build_pipeline(params: str | None = None, *, for_cluster: bool = True, retri
         # logs the model to it (imtext.registry.runs).
         tracking = {"tracking_uri": tracking_uri, "kfp_run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER}
         pretrain_task = pretrain(prepared=prepared, device=device, **tracking, **settings)
-        finetune_task = finetune(
-            prepared=prepared,
-            init=pretrain_task.outputs["model"],
-            device=device,
-            mlflow_run_id=pretrain_task.outputs["mlflow_run_id"],
+        stage_two = {
+            "prepared": prepared,
+            "init": pretrain_task.outputs["model"],
+            "mlflow_run_id": pretrain_task.outputs["mlflow_run_id"],
             **tracking,
             **settings,
-        )
+        }
+        if finetune_nodes > 1:
+            finetune_task = finetune_job(
+                nodes=finetune_nodes,
+                gpus_per_node=GPUS_PER_STEP,
+                job_template=template,
+                image=IMAGE,
+                **stage_two,
+            )
+        else:
+            finetune_task = finetune(device=device, **stage_two)
         model = finetune_task.outputs["model"]
         evaluate_task = evaluate(model=model, prepared=prepared, device=device, **settings)
         export_task = export(model=model, prepared=prepared, **settings)
@@ -146,7 +197,7 @@ def build_pipeline(params: str | None = None, *, for_cluster: bool = True, retri
             "digest": digest_task,
             "prepare": prepare_task,
             "pretrain": pretrain_task,
-            "finetune": finetune_task,
+            "finetune-job" if finetune_nodes > 1 else "finetune": finetune_task,
             "evaluate": evaluate_task,
             "export": export_task,
             "register": register_task,
@@ -157,7 +208,7 @@ def build_pipeline(params: str | None = None, *, for_cluster: bool = True, retri
         if for_cluster:
             configure_for_cluster(tasks)
         elif retries:
-            for name in RETRY_STEPS:
+            for name in sorted(set(RETRY_STEPS) & set(tasks)):
                 tasks[name].set_retry(num_retries=retries, backoff_duration="0s")
         return PipelineOutputs(
             evaluation=evaluate_task.outputs["evaluation"],

@@ -77,13 +77,17 @@ def submit(
     namespace: str | None = None,
     service_account: str | None = None,
     token: str | None = None,
+    finetune_nodes: int = 1,
 ) -> SubmittedRun:
     """Compile the pipeline (``params``: params.yaml text compiled in as the default) and create a
-    run of it in ``experiment`` on the endpoint ``host``, authenticated with ``token``."""
+    run of it in ``experiment`` on the endpoint ``host``, authenticated with ``token``;
+    ``finetune_nodes`` > 1 runs Stage II as a PyTorchJob of that many pods."""
     import kfp
 
     with tempfile.TemporaryDirectory(prefix="imtext-submit-") as tmp:
-        package = compile_pipeline(Path(tmp) / "imtext-pipeline.yaml", params=params)
+        package = compile_pipeline(
+            Path(tmp) / "imtext-pipeline.yaml", params=params, finetune_nodes=finetune_nodes
+        )
         run_name = run_name or f"{PIPELINE_NAME} {datetime.now():%Y-%m-%d %H:%M:%S}"
         try:
             with warnings.catch_warnings():

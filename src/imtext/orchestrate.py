@@ -246,7 +246,12 @@ def _pipeline_errors(func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any
 def _run_compile(args: argparse.Namespace) -> None:
     compile_module = _module(args.repo, "compile")
     params_text, _ = _checked_params(_params_file(args), [])
-    out = _pipeline_errors(compile_module.compile_pipeline, args.out, params=params_text)
+    out = _pipeline_errors(
+        compile_module.compile_pipeline,
+        args.out,
+        params=params_text,
+        finetune_nodes=args.finetune_nodes,
+    )
     image = importlib.import_module("components.image").IMAGE
     log.info("wrote the pipeline (image %s) -> %s", image, out)
 
@@ -358,6 +363,7 @@ def _run_submit(args: argparse.Namespace) -> None:
         namespace=args.namespace,
         service_account=args.service_account,
         token=os.environ.get(TOKEN_ENV) or None,
+        finetune_nodes=args.finetune_nodes,
     )
     print(f"run {run.run_id}: {run.url}")
 
@@ -369,6 +375,18 @@ def _override(text: str) -> str:
     if "=" not in text or "." not in text.partition("=")[0]:
         raise argparse.ArgumentTypeError(f"expected section.key=value, got {text!r}")
     return text
+
+
+def _finetune_nodes(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--finetune-nodes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="N > 1: Stage II runs as a PyTorchJob of N pods on the Kubeflow Training Operator "
+        "(the step finetune-job; k8s/training/), data-parallel, one process per GPU "
+        "(default: %(default)s, one process in the step's own pod)",
+    )
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -428,6 +446,7 @@ def add_pipeline_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--out", type=Path, default=DEFAULT_PACKAGE, help="output file (default: %(default)s)"
     )
+    _finetune_nodes(p)
     _common(p)
     p.set_defaults(func=_run_compile)
 
@@ -550,5 +569,6 @@ def add_pipeline_parser(sub: argparse._SubParsersAction) -> None:
         "--namespace", default=None, help="Kubernetes namespace (multi-user Kubeflow profiles)"
     )
     p.add_argument("--service-account", default=None, help="service account the run's pods use")
+    _finetune_nodes(p)
     _common(p)
     p.set_defaults(func=_run_submit)

@@ -90,3 +90,59 @@ def test_s3_remote_push_and_pull(tmp_path, s3_endpoint, s3_env):
     run("dvc", "pull", "-q", cwd=repo)
     after = sorted((p.relative_to(repo), p.read_bytes()) for p in (repo / "data").rglob("*.*"))
     assert after == before
+
+
+def find_experiment(node, name: str) -> dict | None:
+    """The entry named ``name`` anywhere in ``dvc exp show --json``'s output."""
+    if isinstance(node, dict):
+        if node.get("name") == name and "data" in node:
+            return node
+        node = list(node.values())
+    if isinstance(node, list):
+        for item in node:
+            found = find_experiment(item, name)
+            if found is not None:
+                return found
+    return None
+
+
+def test_an_experiment_sets_params_without_editing_dvc_yaml(tmp_path):
+    """`dvc exp run -S` on tiny data in a git repository: fewer epochs and no INT8 encoders,
+    dvc.yaml as it is, and the experiment in `dvc exp show` with its params and metrics."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = {
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@example.invalid",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@example.invalid",
+    }
+    run("git", "init", "-q", cwd=repo)
+    run("dvc", "init", "-q", cwd=repo)
+    run("dvc", "config", "core.analytics", "false", cwd=repo)
+    shutil.copy(REPO / "dvc.yaml", repo / "dvc.yaml")
+    tiny_params(repo / "params.yaml")
+    shutil.copytree(REPO / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    generate_shapes(repo / "data" / "shapes", n_images=72, size=32)
+    run("git", "add", "-A", cwd=repo)
+    run("git", "commit", "-q", "-m", "baseline", cwd=repo, env=git)
+
+    run(
+        "dvc", "exp", "run", "-n", "short-fp32",
+        "-S", "finetune.epochs=1", "-S", "export.quantize=false",
+        cwd=repo, env=git,
+    )  # fmt: skip
+    assert (repo / "artifacts" / "export" / "text_encoder.onnx").is_file()
+    assert not any((repo / "artifacts" / "export" / "int8").iterdir())
+    history = json.loads((repo / "artifacts" / "finetune" / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1]
+
+    shown = json.loads(run("dvc", "exp", "show", "--json", cwd=repo))
+    experiment = find_experiment(shown, "short-fp32")
+    assert experiment is not None, json.dumps(shown)[:2000]
+    params = experiment["data"]["params"]["params.yaml"]["data"]
+    assert params["finetune"]["epochs"] == 1 and params["export"]["quantize"] is False
+    metrics = experiment["data"]["metrics"]
+    assert "rsum" in metrics["artifacts/evaluate/metrics.json"]["data"]
+    # The workspace's params.yaml holds the experiment's values; dvc.yaml is untouched.
+    assert (repo / "dvc.yaml").read_text() == (REPO / "dvc.yaml").read_text()

@@ -457,15 +457,77 @@ def test_role_check_sees_wildcards():
 
 
 def test_no_pipeline_step_starts_pods_or_claims():
-    """The Role grants no create on pods, PVCs or PyTorchJobs because no step makes any: a step
-    that starts to (kfp.kubernetes.CreatePVC, the Kubernetes client, a PyTorchJob manifest) must
-    get its verbs in k8s/base/rbac.yaml, with a test."""
-    starters = re.compile(r"CreatePVC|DeletePVC|kubernetes\.client|create_namespaced|PyTorchJob")
+    """The Role grants no create on pods or PVCs because no step makes any: a step that starts to
+    (kfp.kubernetes.CreatePVC, the Kubernetes client) must get its verbs in k8s/base/rbac.yaml,
+    with a test. The one step that starts a PyTorchJob, finetune-job, gets exactly that from the
+    training component (test below)."""
+    starters = re.compile(r"CreatePVC|DeletePVC|kubernetes\.client|create_namespaced")
     sources = sorted((REPO / "pipelines").glob("*.py")) + sorted((REPO / "components").glob("*.py"))
     assert len(sources) >= 10
     for path in sources:
         found = starters.search(path.read_text())
         assert not found, f"{path.relative_to(REPO)}: {found.group(0)}: update rbac.yaml"
+
+
+def test_only_the_training_component_lets_the_pipeline_create_pytorchjobs(objects):
+    """The runner's identity may start pods only through one PyTorchJob per multi-node run: the
+    Role in k8s/training/ (create and get pytorchjobs), bound to the runner; nothing else."""
+    bound = {
+        b["roleRef"]["name"]
+        for b in objects
+        if b["kind"] == "RoleBinding"
+        and {"kind": "ServiceAccount", "name": "imtext-pipeline-runner", "namespace": NAMESPACE}
+        in b["subjects"]
+    }
+    assert bound == {"imtext-pipeline-runner", "imtext-training-launcher"}
+    roles = [one(objects, "Role", name) for name in sorted(bound)]
+    for group, resource in sorted(POD_STARTERS):
+        for verb in sorted(WRITE_VERBS):
+            allowed = any(role_allows(role, group, resource, verb) for role in roles)
+            assert allowed == ((resource, verb) == ("pytorchjobs", "create")), (resource, verb)
+    launcher = one(objects, "Role", "imtext-training-launcher")
+    assert role_allows(launcher, "kubeflow.org", "pytorchjobs", "get")
+    assert not role_allows(launcher, "kubeflow.org", "pytorchjobs", "delete")
+    assert len(launcher["rules"]) == 1
+
+
+def test_the_job_the_multi_node_step_creates_validates_with_real_cli_flags():
+    """imtext.pytorchjob.finetune_job on the template the pipeline compiles in, as the step
+    builds it: valid offline, torchrun over the operator's variables, real `imtext finetune` flags
+    on the run's directory of the workspace volume."""
+    from imtext.pytorchjob import finetune_job
+
+    template = yaml.safe_load((K8S / "training" / "finetune-pytorchjob.yaml").read_text())
+    help_text = subprocess.run(
+        [sys.executable, "-m", "imtext.cli", "finetune", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    workdir = "/workspace/runs/0f3c9a/finetune"
+    for per_node in (0, 2):
+        job = finetune_job(
+            template, name="imtext-finetune-0f3c9a", namespace=NAMESPACE, image=PROJECT_IMAGE,
+            nodes=4, workdir=workdir, gpus_per_node=per_node,
+        )  # fmt: skip
+        validate_pytorchjob(job)
+        assert job["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 3
+        for rtype, replica in job["spec"]["pytorchReplicaSpecs"].items():
+            pod = replica["template"]["spec"]
+            (c,) = pod["containers"]
+            command = " ".join(c["command"] + c["args"])
+            flags = re.findall(r"(--[a-z][a-z-]*)", command.split("-m imtext.cli finetune", 1)[1])
+            assert {"--prepared", "--init", "--out", "--params", "--resume"} <= set(flags)
+            assert all(flag in help_text for flag in flags), (rtype, flags)
+            for name in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "NPROC_PER_NODE"):
+                assert f'"${name}"' in command, (rtype, name)
+            assert command.count(f"{workdir}/") == 4
+            volumes = {v["name"]: v for v in pod["volumes"]}
+            mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+            claim = volumes[mounts["/workspace"]]["persistentVolumeClaim"]["claimName"]
+            assert claim == "imtext-workspace"
+            assert gpus(c) == per_node, rtype
 
 
 def test_pytorchjob_runs_finetune_under_torchrun_with_real_cli_flags(objects):

@@ -18,7 +18,7 @@ from tests.conftest import REPO, tiny_params
 
 pytestmark = pytest.mark.slow
 
-STEPS = ("prepare", "pretrain", "finetune", "evaluate", "export", "register", "promote")
+STEPS = ("digest", "prepare", "pretrain", "finetune", "evaluate", "export", "register", "promote")
 #: Shrinks the work past training as well (the tiny sizes of tiny_params cover training).
 FAST = ["--set", "evaluate.report_queries=2", "--set", "export.quantize=none"]
 
@@ -92,8 +92,9 @@ def test_local_run_registers_promotes_and_then_gates(tmp_path, s3_shapes, capsys
     assert str(client.get_model_version_by_alias("imtext-dual-path", "champion").version) == "1"
     check_the_mlflow_store(client, s3_shapes)
 
-    # Again, with every step up to export taken from KFP's local cache: register gets the MLflow
-    # run it registered already and adds no version; the version keeps the alias.
+    # Again, with every step from prepare to export taken from KFP's local cache (the data's
+    # digest is the same): register gets the MLflow run it registered already and adds no
+    # version; the version keeps the alias.
     pipeline_run(*argv)
     log = capsys.readouterr().out
     second = summary(log)
@@ -102,7 +103,20 @@ def test_local_run_registers_promotes_and_then_gates(tmp_path, s3_shapes, capsys
     assert len(client.search_model_versions("name = 'imtext-dual-path'")) == 1
     assert str(client.get_model_version_by_alias("imtext-dual-path", "champion").version) == "1"
     newest = max((tmp_path / "kfp").glob("imtext-*"))
-    assert {p.name for p in newest.iterdir()} == {"register", "promote"}
+    assert {p.name for p in newest.iterdir()} == {"digest", "register", "promote"}
+
+    # One object under the same prefix changes (an image, its colours inverted, same key):
+    # the digest changes, so prepare and every step after it run again, none from the cache.
+    rewrite_one_image(s3_shapes)
+    pipeline_run(*argv)
+    capsys.readouterr()
+    newest = max((tmp_path / "kfp").glob("imtext-*"))
+    assert set(STEPS) - {"promote"} <= {p.name for p in newest.iterdir()}
+    digests = [
+        (run / "digest" / "executor_output.json").read_text()
+        for run in sorted((tmp_path / "kfp").glob("imtext-*"))
+    ]
+    assert digests[0] == digests[1] != digests[2]
 
 
 def check_the_mlflow_store(client, data: str) -> None:
@@ -128,6 +142,22 @@ def check_the_mlflow_store(client, data: str) -> None:
     assert tags["imtext.data_digest"] == digest and tags["imtext.data_uri"] == data
     assert tags["imtext.run_id"] == run.info.run_id
     assert run.data.tags["imtext.stage.register"] == "finished"
+
+
+def rewrite_one_image(location: str) -> None:
+    """Invert the colours of the first image under ``location``, in place (same key)."""
+    import io
+
+    from PIL import Image, ImageOps
+
+    bucket, prefix = location.removeprefix("s3://").split("/", 1)
+    client = boto3.client("s3")
+    listing = client.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/images/")
+    key = sorted(item["Key"] for item in listing["Contents"])[0]
+    image = Image.open(io.BytesIO(client.get_object(Bucket=bucket, Key=key)["Body"].read()))
+    out = io.BytesIO()
+    ImageOps.invert(image.convert("RGB")).save(out, format="PNG")
+    client.put_object(Bucket=bucket, Key=key, Body=out.getvalue())
 
 
 def test_a_failing_step_is_named(tmp_path, s3_endpoint, s3_env, monkeypatch):
@@ -156,3 +186,73 @@ def test_bad_settings_fail_before_any_step_runs(tmp_path):
     with pytest.raises(ImtextError, match="data directory not found"):
         pipeline_run("--data", str(tmp_path / "missing"), *common)
     assert not (tmp_path / "kfp").exists()
+
+
+def test_a_killed_training_step_is_retried_and_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    """finetune is killed (SIGKILL, as a preempted node) after its first epoch's checkpoint;
+    the runner's retry resumes after that epoch, and the model equals an uninterrupted run's."""
+    import json
+    import signal
+    import threading
+    import time
+
+    import psutil
+
+    from pipelines.run_local import run_local
+    from tests.smoke.test_cli import imtext
+    from tests.smoke.test_train import assert_same_weights
+
+    data = tmp_path / "shapes"
+    generate_shapes(data, n_images=72, seed=3, size=32)
+    params = small_params(tmp_path / "params.yaml")
+    tiny = yaml.safe_load(params.read_text())
+    tiny["finetune"].update(epochs=3, ranking="paired_hard")
+    params.write_text(yaml.safe_dump(tiny))
+    root = tmp_path / "kfp"
+    killed: list[int] = []
+
+    def kill_finetune_after_its_first_checkpoint() -> None:
+        deadline = time.monotonic() + 900
+        while not killed and time.monotonic() < deadline:
+            if list(root.glob("imtext-*/finetune/model/checkpoint.pt")):
+                for child in psutil.Process().children(recursive=True):
+                    try:
+                        # The step's processes: `... --function_to_execute finetune`.
+                        if "finetune" in child.cmdline():
+                            child.send_signal(signal.SIGKILL)
+                            killed.append(child.pid)
+                    except psutil.NoSuchProcess:
+                        pass
+            time.sleep(0.005)
+
+    killer = threading.Thread(target=kill_finetune_after_its_first_checkpoint, daemon=True)
+    killer.start()
+    monkeypatch.chdir(tmp_path)  # MLflow's local artifacts
+    arguments = {
+        "data": str(data),
+        "params": params.read_text(),
+        "overrides": FAST[1::2],
+        "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+    }
+    run = run_local(arguments, root, params=params.read_text(), retries=1)
+    killer.join(timeout=1)
+    assert killed, "finetune was never killed"
+
+    model = run.run_dir / "finetune" / "model"
+    history = json.loads((model / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    # Each epoch logged once: the retry did not start again from epoch 1.
+    epochs = [
+        line["epoch"] for line in map(json.loads, (model / "log.jsonl").open()) if "epoch" in line
+    ]
+    assert epochs == [1, 2, 3]
+
+    whole = tmp_path / "whole"
+    result = imtext(
+        "finetune", "--prepared", run.run_dir / "prepare" / "prepared",
+        "--init", run.run_dir / "pretrain" / "model" / "model.pt",
+        "--out", whole, "--params", params, "--device", "cpu",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert_same_weights(whole / "model.pt", model / "model.pt")
+    assert_same_weights(whole / "checkpoint.pt", model / "checkpoint.pt")

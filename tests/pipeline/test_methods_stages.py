@@ -88,22 +88,11 @@ def shapes(tmp_path_factory) -> Path:
     return path
 
 
-def without_int8_outs(dvc_yaml: dict) -> dict:
-    """dvc.yaml for ``export.quantize: none``: without the INT8 encoders among export's outs (as
-    the comment in dvc.yaml says to do)."""
-    outs = dvc_yaml["stages"]["export"]["outs"]
-    names = [out if isinstance(out, str) else next(iter(out)) for out in outs]
-    dvc_yaml["stages"]["export"]["outs"] = [
-        out for out, path in zip(outs, names, strict=True) if ".int8." not in path
-    ]
-    return dvc_yaml
-
-
 @pytest.mark.parametrize("name", METHODS)
 def test_each_method_runs_through_the_dvc_stages(name, shapes, tmp_path):
     repo = dvc_repo(tmp_path / "repo")
-    dvc_yaml = without_int8_outs(yaml.safe_load((REPO / "dvc.yaml").read_text()))
-    (repo / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml, sort_keys=False))
+    # As it is: the INT8 encoders are one directory output, empty with export.quantize false.
+    shutil.copy(REPO / "dvc.yaml", repo / "dvc.yaml")
     params = yaml.safe_load(small_params(tmp_path / "small.yaml").read_text())
     params = apply_overrides(params, method_overrides(name))
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

@@ -36,8 +36,8 @@ ONNX_FILES = {
     "image_encoder.onnx",
     "text_encoder.onnx",
     "pair_scorer.onnx",
-    "image_encoder.int8.onnx",
-    "text_encoder.int8.onnx",
+    "int8/image_encoder.int8.onnx",
+    "int8/text_encoder.int8.onnx",
 }
 
 
@@ -62,7 +62,7 @@ def model(tiny_model_file: Path):
 
 def test_writes_the_encoders_and_what_a_client_needs(exported, tiny_prepared):
     out, _ = exported
-    names = {path.name for path in out.iterdir()}
+    names = {path.relative_to(out).as_posix() for path in out.rglob("*") if path.is_file()}
     assert names == ONNX_FILES | {
         MARKER,
         "preprocess.json",

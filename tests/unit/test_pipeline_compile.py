@@ -374,3 +374,48 @@ def test_a_finished_stage_is_handed_on_and_its_workdir_removed(tmp_path):
     hand_on(work, out)
     assert {p.name: p.read_text() for p in out.iterdir()} == {n: n for n in TRAIN_OUTPUTS}
     assert not work.exists() and (tmp_path / "runs" / "r1" / "finetune").is_dir()
+
+
+@pytest.fixture(scope="module")
+def multi_node(tmp_path_factory) -> tuple[dict, dict]:
+    """``imtext pipeline compile --finetune-nodes 3``: (pipeline spec, Kubernetes platform spec)."""
+    out = tmp_path_factory.mktemp("compiled") / "multi.yaml"
+    cli("compile", "--repo", str(REPO), "--out", str(out), "--finetune-nodes", "3")
+    spec, platform = yaml.safe_load_all(out.read_text())
+    return spec, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+def test_multi_node_finetune_is_a_pytorchjob_step_whose_model_flows_on(multi_node):
+    from components import IMAGE
+
+    spec, platform = multi_node
+    tasks = all_tasks(spec)
+    assert set(tasks) == set(STEPS) - {"finetune"} | {"finetune-job"}
+    job, _ = tasks["finetune-job"]
+    constants = {k: v["runtimeValue"]["constant"] for k, v in job["inputs"]["parameters"].items()
+                 if "runtimeValue" in v}  # fmt: skip
+    assert constants["nodes"] == 3 and constants["gpus_per_node"] == 1
+    assert constants["image"] == IMAGE
+    template = yaml.safe_load((REPO / "k8s" / "training" / "finetune-pytorchjob.yaml").read_text())
+    assert json.loads(constants["job_template"]) == template
+    assert job["inputs"]["artifacts"]["init"]["taskOutputArtifact"]["producerTask"] == "pretrain"
+    for consumer in ("evaluate", "export", "register"):
+        model = tasks[consumer][0]["inputs"]["artifacts"]["model"]["taskOutputArtifact"]
+        assert model == {"producerTask": "finetune-job", "outputArtifactKey": "model"}, consumer
+    # The step waits; the job's pods hold the GPUs. It mounts the workspace the pods share.
+    label = executor(spec, job)
+    resources = spec["deploymentSpec"]["executors"][label]["container"]["resources"]
+    assert "accelerator" not in resources
+    assert platform[label]["pvcMount"][0]["mountPath"] == "/workspace"
+    assert job["retryPolicy"]["maxRetryCount"] > 0  # a retry waits for the same job
+
+
+def test_the_local_runner_keeps_the_single_process_finetune():
+    from pipelines.errors import PipelineError
+    from pipelines.imtext_pipeline import build_pipeline
+
+    with pytest.raises(PipelineError, match="local runner trains in one process"):
+        build_pipeline("{}", for_cluster=False, finetune_nodes=2)
+    local = build_pipeline("{}", for_cluster=False, retries=1)
+    assert "finetune" in local.pipeline_spec.root.dag.tasks
+    assert local.pipeline_spec.root.dag.tasks["finetune"].retry_policy.max_retry_count == 1

@@ -6,7 +6,7 @@ Output directory (written into a temporary sibling, swapped in at the end):
 |---|---|
 | ``image_encoder.onnx`` | input ``images`` float32 (N, 3, S, S) -> ``embeddings`` (N, D), L2-normalised |
 | ``text_encoder.onnx`` | input ``tokens`` int64 (N, L) -> ``embeddings`` (N, D), L2-normalised |
-| ``*.int8.onnx`` | with ``export.quantize`` ``static`` or ``dynamic``: both encoders in INT8 (CPU) |
+| ``int8/*.int8.onnx`` | with ``export.quantize`` ``static`` or ``dynamic``: both encoders in INT8 (CPU); ``int8/`` is empty with ``none`` |
 | ``pair_scorer.onnx`` | ``image_codes``, ``text_codes`` (N, D) -> ``scores`` (N,): a dot product, or the similarity network's fusion |
 | ``preprocess.json``, ``vocab.json`` | what a client needs to build the inputs (``imtext.export.runtime``) |
 | ``parity.json`` | every check below, its tolerance and the provider it ran on |
@@ -101,6 +101,7 @@ from imtext.export.runtime import (
     IMAGE_ENCODER,
     IMAGE_ENCODER_INT8,
     IMAGE_INPUT,
+    INT8_DIR,
     NETWORK,
     NETWORK_OUTPUT_NOTE,
     NOTES,
@@ -835,6 +836,7 @@ def write_encoders(
     export_onnx(
         PairScorer(model), code_samples, cfg.opset, out / PAIR_SCORER, scorer_props, dynamo=dynamo
     )
+    (out / INT8_DIR).mkdir(exist_ok=True)  # one DVC output, empty without INT8
     int8 = None if cfg.quantize == "none" else cfg.quantize
     spec = export_spec(size, max_len, embed_dim, int8, similarity)
     (out / PREPROCESS_FILE).write_text(json.dumps(spec.to_dict(), indent=1) + "\n")
@@ -968,14 +970,15 @@ def export(
         report["model"] = str(model_path)
         report["model_config"] = config_to_dict(model_cfg)
         metrics = flat_metrics(report)
-        metrics.update(
-            {n.removesuffix(".onnx").replace(".", "_") + "_mb": mb for n, mb in sizes.items()}
-        )
+        metrics.update({Path(n).stem.replace(".", "_") + "_mb": mb for n, mb in sizes.items()})
         metrics["seconds"] = time.perf_counter() - start
         if report["failures"]:
             # Only the evidence survives: no unverified encoder can be served or registered.
             for path in tmp.iterdir():
-                path.unlink()
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
         else:
             (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=1) + "\n")
         (tmp / PARITY_FILE).write_text(json.dumps(report, indent=1) + "\n")

@@ -7,7 +7,7 @@ imports torch or the rest of imtext: everything it needs is in an export directo
 |---|---|
 | ``image_encoder.onnx`` | input ``images`` float32 (N, 3, S, S) -> output ``embeddings`` (N, D), L2-normalised |
 | ``text_encoder.onnx`` | input ``tokens`` int64 (N, L) -> output ``embeddings`` (N, D), L2-normalised |
-| ``image_encoder.int8.onnx``, ``text_encoder.int8.onnx`` | the same in INT8, statically (calibrated QDQ) or dynamically quantized (optional) |
+| ``int8/image_encoder.int8.onnx``, ``int8/text_encoder.int8.onnx`` | the same in INT8, statically (calibrated QDQ) or dynamically quantized (optional; ``int8/`` is empty without) |
 | ``pair_scorer.onnx`` | inputs ``image_codes``, ``text_codes`` float32 (N, D) -> ``scores`` (N,): the score of each row pair |
 | ``preprocess.json`` | how raw inputs become those tensors (:class:`ExportSpec`) |
 | ``vocab.json`` | ``{"words": [...]}``, the word of each id |
@@ -55,8 +55,10 @@ from PIL import Image
 FORMAT_VERSION = 1
 IMAGE_ENCODER = "image_encoder.onnx"
 TEXT_ENCODER = "text_encoder.onnx"
-IMAGE_ENCODER_INT8 = "image_encoder.int8.onnx"
-TEXT_ENCODER_INT8 = "text_encoder.int8.onnx"
+#: Always written, empty without quantization: one output for DVC whatever export.quantize says.
+INT8_DIR = "int8"
+IMAGE_ENCODER_INT8 = f"{INT8_DIR}/image_encoder.int8.onnx"
+TEXT_ENCODER_INT8 = f"{INT8_DIR}/text_encoder.int8.onnx"
 PREPROCESS_FILE = "preprocess.json"
 PARITY_FILE = "parity.json"
 VOCAB_FILE = "vocab.json"
