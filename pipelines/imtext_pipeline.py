@@ -1,11 +1,13 @@
-"""The imtext DAG: digest -> prepare -> pretrain -> finetune -> evaluate -> export -> register -> promote.
+"""The imtext DAG: digest -> prepare -> pretrain -> finetune -> evaluate -> export -> register
+-> promote.
 
 ``digest`` never comes from KFP's cache: it computes the content digest of the data, an input of
 ``prepare``, so that ``prepare`` and everything after it are taken from the cache only when the
-data is the same, not merely its location. ``promote`` runs only when ``register`` found the candidate better than the serving champion (the
-``dsl.If`` gate); ``register`` and ``promote`` never come from KFP's cache, since they change the
-model registry. The same DAG runs on a cluster (compiled with the settings of
-:mod:`pipelines.cluster`) and on a workstation with KFP's local runner (without them).
+data is the same, not merely its location. ``promote`` runs only when ``register`` found the
+candidate better than the serving champion (the ``dsl.If`` gate); ``register`` and ``promote``
+never come from KFP's cache, since they change the model registry. The same DAG runs on a
+cluster (compiled with the settings of :mod:`pipelines.cluster`) and on a workstation with KFP's
+local runner (without them).
 """
 
 import json

@@ -27,7 +27,7 @@ GROUP, VERSION, PLURAL = "kubeflow.org", "v1", "pytorchjobs"
 #: The namespace of the pod this runs in (Kubernetes mounts it with the service account token).
 NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 GPU_RESOURCE = "nvidia.com/gpu"
-#: As the pipeline's GPU steps (pipelines/cluster.py): the GPU operator's node label, the usual taint.
+#: As the pipeline's GPU steps (pipelines/cluster.py): the GPU operator's label, the usual taint.
 GPU_NODE_SELECTOR = {"nvidia.com/gpu.present": "true"}
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
 #: The volume of the template that holds the workspace (a ReadWriteMany PVC).

@@ -60,6 +60,7 @@ def summary(out: str) -> str:
     return out[out.rindex("\nrecall on the test split:") :]
 
 
+@pytest.mark.timeout(1800)  # three pipeline runs
 def test_local_run_registers_promotes_and_then_gates(tmp_path, s3_shapes, capsys, monkeypatch):
     from mlflow.tracking import MlflowClient
 
@@ -188,6 +189,7 @@ def test_bad_settings_fail_before_any_step_runs(tmp_path):
     assert not (tmp_path / "kfp").exists()
 
 
+@pytest.mark.timeout(1200)  # a whole pipeline run, and a second finetune
 def test_a_killed_training_step_is_retried_and_resumes_to_the_same_weights(tmp_path, monkeypatch):
     """finetune is killed (SIGKILL, as a preempted node) after its first epoch's checkpoint;
     the runner's retry resumes after that epoch, and the model equals an uninterrupted run's."""
@@ -206,6 +208,7 @@ def test_a_killed_training_step_is_retried_and_resumes_to_the_same_weights(tmp_p
     generate_shapes(data, n_images=72, seed=3, size=32)
     params = small_params(tmp_path / "params.yaml")
     tiny = yaml.safe_load(params.read_text())
+    tiny["pretrain"]["epochs"] = 0  # Stage I passes its initial model on: finetune is the subject
     tiny["finetune"].update(epochs=3, ranking="paired_hard")
     params.write_text(yaml.safe_dump(tiny))
     root = tmp_path / "kfp"

@@ -3,11 +3,11 @@
 :func:`data_digest` names the data a run used, for caching (KFP keys ``prepare`` on it) and for
 lineage (the digest recorded with a model version):
 
-| location | digest | cost |
-|---|---|---|
-| a local directory | DVC's directory hash: ``md5`` of the sorted ``{"md5", "relpath"}`` list, ``.dir`` appended (the ``md5`` of ``data.dvc``) | reads every file |
-| a local file | its ``md5`` | reads the file |
-| ``s3://bucket/prefix`` | ``md5`` of the sorted ``{"etag", "key", "size"}`` listing, keys relative to the prefix, ``.s3`` appended | one listing, no object read |
+- a local directory: DVC's directory hash, the ``md5`` of the sorted ``{"md5", "relpath"}`` list
+  with ``.dir`` appended (what ``dvc add`` writes into ``data.dvc``); reads every file.
+- a local file: its ``md5``.
+- ``s3://bucket/prefix``: the ``md5`` of the sorted ``{"etag", "key", "size"}`` listing, keys
+  relative to the prefix, ``.s3`` appended; one listing, no object is read.
 
 An ETag is the MD5 of a single-part upload and a hash of the part hashes of a multipart one, so
 a rewritten object changes the digest even when its size does not. The two kinds never compare
@@ -32,8 +32,9 @@ S3_SUFFIX = ".s3"
 
 def data_digest(uri: str | Path, *, retries: int = 4) -> str:
     """The content digest of ``uri``: a local directory or file, or ``s3://bucket/prefix``
-    (boto3 finds the endpoint and credentials in the environment, as :func:`~imtext.data.remote.fetch`
-    does). Raises :class:`DataError` naming ``uri`` when there is nothing there."""
+    (boto3 finds the endpoint and credentials in the environment, as
+    :func:`~imtext.data.remote.fetch` does). Raises :class:`DataError` naming ``uri`` when
+    there is nothing there."""
     uri = str(uri)
     if is_s3(uri):
         return s3_listing_digest(uri, retries=retries)
