@@ -168,3 +168,22 @@ def test_data_parallel_pretrain_with_two_cpu_processes(tiny_prepared, tmp_path):
     assert json.loads((out / "metrics.json").read_text())["steps"] == 3
     history = json.loads((out / "history.json").read_text())
     assert len(history) == 1 and "val_rsum" in history[0]
+
+
+def test_a_run_that_stopped_early_stays_stopped_when_resumed(tiny_prepared, tmp_path):
+    """A retried pipeline step resumes with the same params: after an early stop (patience used
+    up) it must not train the epochs the uninterrupted run never trained."""
+    out = tmp_path / "pretrain"
+    args = ["pretrain", "--prepared", tiny_prepared, "--out", out, "--device", "cpu"]
+    first = imtext(*args, "--params", tiny_params(tmp_path / "one.yaml", epochs=1))
+    assert first.returncode == 0, first.stderr
+    # As a run with patience 1 leaves its checkpoint after a validation that did not improve.
+    record = torch.load(out / "checkpoint.pt", weights_only=True)
+    record["run_state"]["bad_evals"] = 1
+    torch.save(record, out / "checkpoint.pt")
+    params = tiny_params(tmp_path / "three.yaml", epochs=3, patience=1)
+    resumed = imtext(*args, "--params", params, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming after epoch 1" in resumed.stderr
+    assert len(json.loads((out / "history.json").read_text())) == 1
+    assert json.loads((out / "metrics.json").read_text())["epochs"] == 1
