@@ -164,7 +164,8 @@ def rewrite_one_image(location: str) -> None:
 def test_a_failing_step_is_named(tmp_path, s3_endpoint, s3_env, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
     boto3.client("s3").create_bucket(Bucket="empty-bucket")
-    with pytest.raises(ImtextError, match=r"local pipeline run failed: .*'prepare'"):
+    # The first step to read the data is digest: it names the step and its log, which says why.
+    with pytest.raises(ImtextError, match=r"local pipeline run failed: .*'digest'") as info:
         pipeline_run(
             "--data",
             "s3://empty-bucket/flickr30k",
@@ -173,6 +174,8 @@ def test_a_failing_step_is_named(tmp_path, s3_endpoint, s3_env, monkeypatch):
             "--out",
             str(tmp_path / "kfp"),
         )
+    log = Path(re.search(r"its log: (\S+)", str(info.value)).group(1))
+    assert "s3://empty-bucket/flickr30k: no objects under this prefix" in log.read_text()
 
 
 def test_bad_settings_fail_before_any_step_runs(tmp_path):
