@@ -129,7 +129,7 @@ def test_an_experiment_sets_params_without_editing_dvc_yaml(tmp_path):
 
     run(
         "dvc", "exp", "run", "-n", "short-fp32",
-        "-S", "finetune.epochs=1", "-S", "export.quantize=false",
+        "-S", "finetune.epochs=1", "-S", "export.quantize=none",
         cwd=repo, env=git,
     )  # fmt: skip
     assert (repo / "artifacts" / "export" / "text_encoder.onnx").is_file()
@@ -141,7 +141,7 @@ def test_an_experiment_sets_params_without_editing_dvc_yaml(tmp_path):
     experiment = find_experiment(shown, "short-fp32")
     assert experiment is not None, json.dumps(shown)[:2000]
     params = experiment["data"]["params"]["params.yaml"]["data"]
-    assert params["finetune"]["epochs"] == 1 and params["export"]["quantize"] is False
+    assert params["finetune"]["epochs"] == 1 and params["export"]["quantize"] == "none"
     metrics = experiment["data"]["metrics"]
     assert "rsum" in metrics["artifacts/evaluate/metrics.json"]["data"]
     # The workspace's params.yaml holds the experiment's values; dvc.yaml is untouched.

@@ -91,7 +91,7 @@ def shapes(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("name", METHODS)
 def test_each_method_runs_through_the_dvc_stages(name, shapes, tmp_path):
     repo = dvc_repo(tmp_path / "repo")
-    # As it is: the INT8 encoders are one directory output, empty with export.quantize false.
+    # As it is: the INT8 encoders are one directory output, empty with export.quantize none.
     shutil.copy(REPO / "dvc.yaml", repo / "dvc.yaml")
     params = yaml.safe_load(small_params(tmp_path / "small.yaml").read_text())
     params = apply_overrides(params, method_overrides(name))
