@@ -31,7 +31,8 @@ def finetune(
         overrides: section.key=value settings applied over params.
         device: auto (CUDA when available), cpu, cuda or cuda:N.
         tracking_uri: MLflow tracking URI; empty: register.tracking_uri, else $MLFLOW_TRACKING_URI.
-        kfp_run_id: The pipeline run's id (dsl.PIPELINE_JOB_ID_PLACEHOLDER).
+        kfp_run_id: The pipeline run's id (dsl.PIPELINE_JOB_ID_PLACEHOLDER on the local runner;
+            empty on a cluster, where $IMTEXT_RUN_ID holds it).
         mlflow_run_id: pretrain's MLflow run, resumed when it is this pipeline run's (a cached
             pretrain's belongs to another: a run of its own is opened then).
         model: Directory with model.pt (best validation epoch), checkpoint.pt, history.json,
@@ -47,7 +48,7 @@ def finetune(
 
     from imtext.config import stage_config_from_params
     from imtext.data.lineage import read_source
-    from imtext.orchestrate import log_metrics, step_params, train_step
+    from imtext.orchestrate import log_metrics, pipeline_run_id, step_params, train_step
     from imtext.registry import tracked_training
 
     values = step_params(params, overrides)
@@ -57,7 +58,7 @@ def finetune(
         run_id=mlflow_run_id or None,
         params=values,
         source=read_source(Path(prepared.path)),
-        kfp_run_id=kfp_run_id,
+        kfp_run_id=pipeline_run_id(kfp_run_id),
         tracking_uri=tracking_uri or None,
         log=print,
     ) as run:

@@ -40,7 +40,8 @@ def finetune_job(
         job_template: k8s/training/finetune-pytorchjob.yaml as JSON (read when compiled).
         image: The project image the job's pods run (this step's own).
         tracking_uri: MLflow tracking URI; empty: register.tracking_uri, else $MLFLOW_TRACKING_URI.
-        kfp_run_id: The pipeline run's id (dsl.PIPELINE_JOB_ID_PLACEHOLDER).
+        kfp_run_id: The pipeline run's id (dsl.PIPELINE_JOB_ID_PLACEHOLDER on the local runner;
+            empty on a cluster, where $IMTEXT_RUN_ID holds it).
         mlflow_run_id: pretrain's MLflow run, resumed as by ``finetune``. The job's per-epoch
             records are logged to it when the job has finished (its pods do not log to MLflow).
         model: Directory with model.pt (best validation epoch), checkpoint.pt, history.json,
@@ -57,7 +58,7 @@ def finetune_job(
 
     from imtext.config import stage_config_from_params
     from imtext.data.lineage import read_source
-    from imtext.orchestrate import log_metrics, step_params
+    from imtext.orchestrate import log_metrics, pipeline_run_id, step_params
     from imtext.pytorchjob import run_finetune_job
     from imtext.registry import tracked_training
 
@@ -68,7 +69,7 @@ def finetune_job(
         run_id=mlflow_run_id or None,
         params=values,
         source=read_source(Path(prepared.path)),
-        kfp_run_id=kfp_run_id,
+        kfp_run_id=pipeline_run_id(kfp_run_id),
         tracking_uri=tracking_uri or None,
         log=print,
     ) as run:

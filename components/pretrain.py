@@ -27,7 +27,8 @@ def pretrain(
         overrides: section.key=value settings applied over params.
         device: auto (CUDA when available), cpu, cuda or cuda:N.
         tracking_uri: MLflow tracking URI; empty: register.tracking_uri, else $MLFLOW_TRACKING_URI.
-        kfp_run_id: The pipeline run's id (dsl.PIPELINE_JOB_ID_PLACEHOLDER), tagged on the run.
+        kfp_run_id: The pipeline run's id (dsl.PIPELINE_JOB_ID_PLACEHOLDER on the local runner;
+            empty on a cluster, where $IMTEXT_RUN_ID holds it), tagged on the run.
         model: Directory with model.pt (best validation epoch), checkpoint.pt, history.json,
             metrics.json and log.jsonl.
         metrics: The stage's final metrics (validation recall of the best epoch).
@@ -41,7 +42,7 @@ def pretrain(
 
     from imtext.config import stage_config_from_params
     from imtext.data.lineage import read_source
-    from imtext.orchestrate import log_metrics, step_params, train_step
+    from imtext.orchestrate import log_metrics, pipeline_run_id, step_params, train_step
     from imtext.registry import tracked_training
 
     values = step_params(params, overrides)
@@ -50,7 +51,7 @@ def pretrain(
         "pretrain",
         params=values,
         source=read_source(Path(prepared.path)),
-        kfp_run_id=kfp_run_id,
+        kfp_run_id=pipeline_run_id(kfp_run_id),
         tracking_uri=tracking_uri or None,
         log=print,
     ) as run:

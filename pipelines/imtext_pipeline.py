@@ -153,8 +153,12 @@ def build_pipeline(
         )
         prepared = prepare_task.outputs["prepared"]
         # One MLflow run per pipeline run: pretrain opens it, finetune resumes it, register
-        # logs the model to it (imtext.registry.runs).
-        tracking = {"tracking_uri": tracking_uri, "kfp_run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER}
+        # logs the model to it (imtext.registry.runs). On a cluster the run id reaches the steps
+        # from their pod's label (IMTEXT_RUN_ID, pipelines/cluster.py), not as an input: the
+        # backend resolves the placeholder before it computes the cache key, so an input holding
+        # it would make every training step a cache miss.
+        run_id = "" if for_cluster else dsl.PIPELINE_JOB_ID_PLACEHOLDER
+        tracking = {"tracking_uri": tracking_uri, "kfp_run_id": run_id}
         pretrain_task = pretrain(prepared=prepared, device=device, **tracking, **settings)
         stage_two = {
             "prepared": prepared,

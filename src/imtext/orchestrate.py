@@ -89,6 +89,14 @@ RUN_ID_ENV = "IMTEXT_RUN_ID"
 TRAIN_OUTPUTS = ("model.pt", "checkpoint.pt", "history.json", "metrics.json", "log.jsonl")
 
 
+def pipeline_run_id(given: str, env: Mapping[str, str] | None = None) -> str | None:
+    """The KFP run a training step belongs to: ``given`` (the local runner passes the run-id
+    placeholder as an input), else ``$IMTEXT_RUN_ID`` (a cluster step reads it from its pod's
+    label, so that the id is no input of the step and no part of its cache key), else None."""
+    env = os.environ if env is None else env
+    return given.strip() or env.get(RUN_ID_ENV, "").strip() or None
+
+
 def step_workdir(stage: str, out: Path, env: Mapping[str, str]) -> Path:
     """Where a training step trains, so that a retry of the step resumes from its checkpoint.
 

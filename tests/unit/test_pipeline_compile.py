@@ -165,6 +165,27 @@ def test_training_steps_keep_checkpoints_on_the_workspace_volume_per_run(package
             assert "pvcMount" not in config and not env, name
 
 
+def test_no_step_of_the_cluster_build_takes_the_run_id_as_an_input(package):
+    """The backend resolves ``{{$.pipeline_job_uuid}}`` before it computes a step's cache key: an
+    input holding it would make every training step a cache miss. The local build passes it (the
+    local runner keys its cache on the unresolved inputs), the cluster steps read their pod label."""
+    from pipelines.imtext_pipeline import build_pipeline
+
+    spec, _ = package
+    for name, (task, _) in all_tasks(spec).items():
+        assert "pipeline_job_uuid" not in json.dumps(task.get("inputs", {})), name
+    local = build_pipeline("{}", for_cluster=False).pipeline_spec.root.dag.tasks
+    assert "pipeline_job_uuid" in str(local["pretrain"].inputs.parameters["kfp_run_id"])
+
+
+def test_pipeline_run_id_comes_from_the_input_else_the_pod_label():
+    from imtext.orchestrate import RUN_ID_ENV, pipeline_run_id
+
+    assert pipeline_run_id("abc", {RUN_ID_ENV: "label"}) == "abc"
+    assert pipeline_run_id("", {RUN_ID_ENV: " label "}) == "label"
+    assert pipeline_run_id(" ", {}) is None
+
+
 def test_credentials_come_from_the_secret_only(package):
     spec, platform = package
     s3 = {"AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
