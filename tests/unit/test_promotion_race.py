@@ -12,6 +12,7 @@ import time
 
 import pytest
 from mlflow.entities import Metric
+from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST as NOT_FOUND
 from mlflow.tracking import MlflowClient
 
 from imtext.registry import RegistryError, promote
@@ -119,3 +120,37 @@ def test_an_expired_lock_left_by_a_killed_promoter_is_broken(store):
     assert promote(cfg, "3", lock_wait_s=5.0).promoted
     assert str(client.get_registered_model(cfg.model_name).aliases[cfg.alias]) == "3"
     assert not client.search_registered_models(f"name = '{lock_name(cfg)}'")
+
+
+class VanishingLockClient:
+    """A registry whose lock model was taken and is released just as we ask for it: the SQL
+    store's create finds the name taken, reads the model back to word its error, and finds it
+    gone ("not found"). Then the lock is free."""
+
+    def __init__(self):
+        self.models: dict[str, dict] = {}
+        self.creates = 0
+
+    def create_registered_model(self, name, tags=None, description=None):
+        from mlflow.exceptions import MlflowException
+
+        self.creates += 1
+        if self.creates == 1:
+            raise MlflowException("Registered Model with name=x not found", NOT_FOUND)
+        self.models[name] = dict(tags or {})
+
+    def get_registered_model(self, name):
+        from mlflow.exceptions import MlflowException
+
+        if name not in self.models:
+            raise MlflowException(f"{name} not found", NOT_FOUND)
+        return type("Model", (), {"tags": self.models[name]})()
+
+
+def test_a_lock_released_while_the_store_words_its_refusal_is_taken_on_the_next_try():
+    from imtext.registry.lock import acquire
+    from imtext.registry.retry import Server
+
+    client = VanishingLockClient()
+    lease = acquire(Server("sqlite:///x.db", client), "m.lock", "champion", 5.0, 60.0, print)
+    assert client.creates == 2 and client.models["m.lock"]["imtext.lock.owner"] == lease.owner

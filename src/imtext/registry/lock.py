@@ -146,15 +146,19 @@ def create_lock(server: Server, name: str, alias: str, owner: str, expires: floa
             ),
         )
     except RegistryError as exc:
-        if already_exists(exc):
+        # A SQL store that finds the name taken reads the model back to word its error; when the
+        # holder deletes it in between, the answer is "not found" instead. Either way the lock
+        # existed a moment ago: the caller reads the holder and tries again.
+        if error_code(exc) in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
             return False
         raise
     return True
 
 
-def already_exists(exc: RegistryError) -> bool:
+def error_code(exc: RegistryError) -> str | None:
+    """MLflow's error code of the refusal behind ``exc``, if MLflow raised it."""
     cause = exc.__cause__
-    return isinstance(cause, MlflowException) and cause.error_code == "RESOURCE_ALREADY_EXISTS"
+    return cause.error_code if isinstance(cause, MlflowException) else None
 
 
 def read_holder(server: Server, name: str) -> Holder | None:
