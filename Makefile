@@ -47,13 +47,14 @@ repro: data
 	dvc repro
 	dvc status
 
-# The suite runs in TEST_WORKERS processes (pytest-xdist); each holds PyTorch and ONNX Runtime to
-# one thread (tests/conftest.py), so two workers fill two cores instead of fighting over them.
-TEST_WORKERS ?= 2
+# The suite runs in TEST_WORKERS processes (pytest-xdist, work stealing so the long pipeline tests
+# spread out); each holds PyTorch and ONNX Runtime to one thread (tests/conftest.py). Three on two
+# cores: many tests wait on subprocesses and servers, and two workers left a quarter of the CPU idle.
+TEST_WORKERS ?= 3
 test: install browser
 	ruff check src tests bench components pipelines k8s
 	ruff format --check src tests bench components pipelines k8s
-	pytest -n $(TEST_WORKERS) --durations=15
+	pytest -n $(TEST_WORKERS) --dist worksteal --durations=15
 
 # Chromium and its driver for the browser test (tests/browser): installed with apt-get when missing
 # (as root, or through passwordless sudo). Where that fails the test skips and says why.
