@@ -338,8 +338,8 @@ def _console(params: dict[str, Any]) -> Console:
     epochs = {stage: params[stage]["epochs"] for stage in TRAINING_STEPS}
     console = Console(epochs=epochs)
     console.message(
-        "KFP local run: prepare -> pretrain -> finetune -> evaluate -> export -> register "
-        "-> promote"
+        "KFP local run: digest -> prepare -> pretrain -> finetune -> evaluate -> export -> "
+        "register -> promote"
     )
     return console
 
