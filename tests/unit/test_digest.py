@@ -10,6 +10,7 @@ import pytest
 
 from imtext.data.digest import data_digest, s3_listing_entries
 from imtext.errors import DataError
+from tests.conftest import REPO
 
 
 @pytest.fixture
@@ -32,6 +33,15 @@ def test_a_directory_digest_is_dvcs_hash_of_the_file_list(folder):
     expected = hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest() + ".dir"
     assert data_digest(folder) == expected
     assert data_digest(f"file://{folder}") == expected
+
+
+def test_the_marker_imtext_writes_is_left_out_as_dvcignore_leaves_it_out(folder):
+    from imtext._fs import MARKER
+
+    before = data_digest(folder)
+    (folder / MARKER).write_text("written by imtext")
+    assert data_digest(folder) == before
+    assert MARKER in (REPO / ".dvcignore").read_text().split()
 
 
 def test_any_change_of_content_or_name_changes_the_digest(folder):

@@ -22,6 +22,7 @@ import json
 import os
 from pathlib import Path
 
+from imtext._fs import MARKER
 from imtext.data.remote import FILE_SCHEME, _client, _s3_errors, is_s3, split_s3
 from imtext.errors import DataError
 
@@ -62,10 +63,13 @@ def listing_digest(entries: list[dict[str, object]], suffix: str) -> str:
 
 def directory_digest(root: Path) -> str:
     """DVC's hash of the directory ``root`` (``dvc add`` writes the same value into ``.dvc``):
-    every regular file below it, symbolic links to directories not followed."""
+    every regular file below it, symbolic links to directories not followed, and not the marker
+    imtext writes into its outputs (the repository's .dvcignore leaves it out too)."""
     entries = []
     for folder, _, files in os.walk(root):
         for name in files:
+            if name == MARKER:
+                continue
             path = Path(folder) / name
             if path.is_file():
                 relpath = path.relative_to(root).as_posix()
