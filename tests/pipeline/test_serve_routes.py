@@ -203,6 +203,7 @@ def test_bad_text_queries_are_400_with_a_message(served, query, message):
 def test_bytes_that_are_not_an_image_are_400(served):
     status, body = get_json(served.url + "/api/search/image", data=b"%PDF-1.4 not an image")
     assert status == 400 and "not a PNG or JPEG file" in body["error"]
+    assert "0x" not in body["error"], body  # no object repr of the server's buffer
 
 
 def test_an_empty_body_is_400(served):

@@ -280,6 +280,9 @@ def open_image(data: bytes, size: int, *, max_pixels: int = MAX_IMAGE_PIXELS) ->
             f"more than {max_pixels:,} pixels; send the image scaled down (the model sees "
             f"{size} x {size})"
         ) from None
+    except Image.UnidentifiedImageError:
+        # Pillow's message names its in-memory buffer object, which tells a client nothing.
+        raise InputError("not a PNG or JPEG file; send the bytes of a PNG or JPEG image") from None
     except (OSError, ValueError, TypeError) as exc:
         raise InputError(f"not a PNG or JPEG file ({_first_line(exc)})") from None
     width, height = image.size
