@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from imtext.config import read_params, stage_config_from_params
 from imtext.data.shapes import background_plateau_rsum
@@ -114,6 +115,12 @@ def test_a_stage_of_zero_epochs_passes_its_initial_model_on(tiny_prepared, tmp_p
     assert metrics == {"best_epoch": 0, "epochs": 0, "steps": 0}
     assert logged == [({"epoch": 0}, 0)]
     assert json.loads((tmp_path / "pretrain" / "history.json").read_text()) == []
+    # Every output dvc.yaml declares for the stage exists (dvc repro fails on a missing one);
+    # log.jsonl is the CLI's log callable's, not train_stage's.
+    stage_outs = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["pretrain"]["outs"]
+    for out in stage_outs:
+        path = Path(out if isinstance(out, str) else next(iter(out)))
+        assert path.name == "log.jsonl" or (tmp_path / "pretrain" / path.name).is_file(), path
     passed, record = load_model(tmp_path / "pretrain" / "model.pt")
     assert record["epoch"] == 0
     torch.manual_seed(cfg.seed)

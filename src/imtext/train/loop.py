@@ -650,15 +650,9 @@ def _train_stage(stage, model_cfg, cfg, prepared, out_dir, init, resume, info, l
             log(metrics, state.step)
             logger.info("%s", _epoch_line(stage, metrics))
             save_atomic(
-                {
-                    **model_record(core, model_cfg, len(vocab), n_classes),
-                    "train_config": config_to_dict(cfg),
-                    "stage": stage,
-                    "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict() if scaler is not None else None,
-                    "rng": rng_state(),
-                    "run_state": state.__dict__,
-                },
+                _checkpoint_record(
+                    core, model_cfg, len(vocab), n_classes, cfg, stage, optimizer, scaler, state
+                ),
                 out_dir / CHECKPOINT_FILE,
             )
             _write_json(out_dir / HISTORY_FILE, state.history)
@@ -674,10 +668,32 @@ def _train_stage(stage, model_cfg, cfg, prepared, out_dir, init, resume, info, l
         distributed.barrier(info)
     if cfg.epochs == 0 and info.is_main:
         _pass_initial_model(core, model_cfg, len(vocab), n_classes, cfg, stage, out_dir, log)
+        # Every output dvc.yaml declares exists, a checkpoint of epoch 0 included.
+        save_atomic(
+            _checkpoint_record(
+                core, model_cfg, len(vocab), n_classes, cfg, stage, optimizer, scaler, state
+            ),
+            out_dir / CHECKPOINT_FILE,
+        )
     result = _stage_metrics(state)
     if info.is_main:
         _write_json(out_dir / METRICS_FILE, result)
     return result
+
+
+def _checkpoint_record(
+    core, model_cfg, vocab_size, n_classes, cfg, stage, optimizer, scaler, state
+) -> dict:
+    """What ``resume`` needs to continue after the last finished epoch."""
+    return {
+        **model_record(core, model_cfg, vocab_size, n_classes),
+        "train_config": config_to_dict(cfg),
+        "stage": stage,
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "rng": rng_state(),
+        "run_state": state.__dict__,
+    }
 
 
 def _pass_initial_model(core, model_cfg, vocab_size, n_classes, cfg, stage, out_dir, log):
