@@ -46,21 +46,16 @@ def finetune(
     from collections import namedtuple
     from pathlib import Path
 
-    from imtext.config import stage_config_from_params
-    from imtext.data.lineage import read_source
-    from imtext.orchestrate import log_metrics, pipeline_run_id, step_params, train_step
-    from imtext.registry import tracked_training
+    from imtext.orchestrate import log_metrics, step_params, tracked_step, train_step
 
     values = step_params(params, overrides)
-    with tracked_training(
-        stage_config_from_params("register", values),
+    with tracked_step(
         "finetune",
-        run_id=mlflow_run_id or None,
-        params=values,
-        source=read_source(Path(prepared.path)),
-        kfp_run_id=pipeline_run_id(kfp_run_id),
-        tracking_uri=tracking_uri or None,
-        log=print,
+        values,
+        Path(prepared.path),
+        mlflow_run_id=mlflow_run_id,
+        kfp_run_id=kfp_run_id,
+        tracking_uri=tracking_uri,
     ) as run:
         result = train_step(
             "finetune",

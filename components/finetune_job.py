@@ -56,22 +56,17 @@ def finetune_job(
     from collections import namedtuple
     from pathlib import Path
 
-    from imtext.config import stage_config_from_params
-    from imtext.data.lineage import read_source
-    from imtext.orchestrate import log_metrics, pipeline_run_id, step_params
+    from imtext.orchestrate import log_metrics, step_params, tracked_step
     from imtext.pytorchjob import run_finetune_job
-    from imtext.registry import tracked_training
 
     values = step_params(params, overrides)
-    with tracked_training(
-        stage_config_from_params("register", values),
+    with tracked_step(
         "finetune",
-        run_id=mlflow_run_id or None,
-        params=values,
-        source=read_source(Path(prepared.path)),
-        kfp_run_id=pipeline_run_id(kfp_run_id),
-        tracking_uri=tracking_uri or None,
-        log=print,
+        values,
+        Path(prepared.path),
+        mlflow_run_id=mlflow_run_id,
+        kfp_run_id=kfp_run_id,
+        tracking_uri=tracking_uri,
     ) as run:
         result = run_finetune_job(
             values,

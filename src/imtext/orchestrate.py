@@ -129,6 +129,34 @@ def hand_on(work: Path, out: Path) -> None:
     shutil.rmtree(work)
 
 
+def tracked_step(
+    stage: str,
+    values: dict[str, Any],
+    prepared: Path,
+    *,
+    mlflow_run_id: str,
+    kfp_run_id: str,
+    tracking_uri: str,
+):
+    """The MLflow run a training component logs to (``imtext.registry.tracked_training``):
+    ``mlflow_run_id`` resumed when given, else a new one with the params, the data's lineage
+    (``prepared``'s source.json) and the pipeline run's id. Empty strings are KFP's "not given"."""
+    from imtext.config import stage_config_from_params
+    from imtext.data.lineage import read_source
+    from imtext.registry import tracked_training
+
+    return tracked_training(
+        stage_config_from_params("register", values),
+        stage,
+        run_id=mlflow_run_id or None,
+        params=values,
+        source=read_source(prepared),
+        kfp_run_id=pipeline_run_id(kfp_run_id),
+        tracking_uri=tracking_uri or None,
+        log=print,
+    )
+
+
 def train_step(
     stage: str,
     params: dict[str, Any],
