@@ -14,6 +14,7 @@ numpy arrays and a seeded ``np.random.Generator``.
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -87,6 +88,20 @@ def neighbourhood_batches(
     batch from shuffled captions, each with one other caption of its image, so an image could be its
     own negative in a batch (METHODS.md section 3.1).
     """
+    caption_image = _checked_caption_image(caption_image, images_per_batch, sentences_per_image)
+    images, counts = np.unique(caption_image, return_counts=True)
+    if len(images) < images_per_batch:
+        raise DataError(
+            f"neighbourhood sampling needs {images_per_batch} images with captions per batch, but "
+            f"the split has {len(images)}; lower the batch size"
+        )
+    groups = _CaptionGroups.of(rng, caption_image, images, counts, sentences_per_image)
+    return [groups.batch(b) for b in _packed(rng, groups.group_image.tolist(), images_per_batch)]
+
+
+def _checked_caption_image(
+    caption_image: np.ndarray, images_per_batch: int, sentences_per_image: int
+) -> np.ndarray:
     caption_image = np.asarray(caption_image)
     if caption_image.ndim != 1 or not np.issubdtype(caption_image.dtype, np.integer):
         raise ValueError(f"caption_image must be a 1-d integer array, got {caption_image.dtype}")
@@ -95,63 +110,106 @@ def neighbourhood_batches(
             "images_per_batch and sentences_per_image must be at least 1, got "
             f"{images_per_batch} and {sentences_per_image}"
         )
-    images, counts = np.unique(caption_image, return_counts=True)
-    if len(images) < images_per_batch:
-        raise DataError(
-            f"neighbourhood sampling needs {images_per_batch} images with captions per batch, but "
-            f"the split has {len(images)}; lower the batch size"
+    return caption_image
+
+
+@dataclass(frozen=True)
+class _CaptionGroups:
+    """Each image's captions, shuffled and cut into groups of up to ``sentences_per_image``.
+
+    Images are numbered in ``np.unique`` order; group ``g`` belongs to image ``group_image[g]`` and
+    is that image's ``group_index[g]``-th group.
+    """
+
+    images: np.ndarray  # (I,) image rows that have captions
+    by_image: np.ndarray  # (m,) caption indices grouped by image, shuffled within each image
+    starts: np.ndarray  # (I,) where each image's captions start in ``by_image``
+    counts: np.ndarray  # (I,) captions per image
+    size: np.ndarray  # (I,) captions per group of each image
+    group_image: np.ndarray  # (G,)
+    group_index: np.ndarray  # (G,)
+
+    @classmethod
+    def of(
+        cls,
+        rng: np.random.Generator,
+        caption_image: np.ndarray,
+        images: np.ndarray,
+        counts: np.ndarray,
+        sentences_per_image: int,
+    ) -> _CaptionGroups:
+        """``images, counts``: ``np.unique(caption_image, return_counts=True)``."""
+        shuffled = rng.permutation(len(caption_image))
+        by_image = shuffled[np.argsort(caption_image[shuffled], kind="stable")]
+        size = np.minimum(counts, sentences_per_image)
+        n_groups = -(-counts // size)
+        group_image = np.repeat(np.arange(len(images)), n_groups)
+        first_group = np.repeat(np.cumsum(n_groups) - n_groups, n_groups)
+        return cls(
+            images, by_image, np.concatenate([[0], np.cumsum(counts)[:-1]]), counts, size,
+            group_image, np.arange(len(group_image)) - first_group,
+        )  # fmt: skip
+
+    def members(self, group: int) -> np.ndarray:
+        """The caption indices of ``group``. Position p of an image's padded list is its caption
+        p % n: past the end it wraps to the first ones, which belong to an earlier group (the
+        padding is shorter than a group)."""
+        image = self.group_image[group]
+        offsets = self.group_index[group] * self.size[image] + np.arange(self.size[image])
+        return self.by_image[self.starts[image] + offsets % self.counts[image]]
+
+    def batch(self, groups: list[int]) -> NeighbourhoodBatch:
+        parts = [self.members(group) for group in groups]
+        return NeighbourhoodBatch(
+            images=self.images[self.group_image[groups]].astype(np.int64),
+            captions=np.concatenate(parts).astype(np.int64),
+            caption_slot=np.repeat(np.arange(len(groups)), [len(p) for p in parts]),
         )
-    # Captions grouped by image (images in np.unique order), shuffled within each image.
-    shuffled = rng.permutation(len(caption_image))
-    by_image = shuffled[np.argsort(caption_image[shuffled], kind="stable")]
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    size = np.minimum(counts, sentences_per_image)
-    n_groups = -(-counts // size)
-    # Position p of an image's padded list is its caption p % n: past the end it wraps to the
-    # first ones, which belong to an earlier group (the padding is shorter than a group).
-    group_image = np.repeat(np.arange(len(images)), n_groups)
-    group_index = np.arange(len(group_image)) - np.repeat(np.cumsum(n_groups) - n_groups, n_groups)
 
-    def members(group: int) -> np.ndarray:
-        image = group_image[group]
-        offsets = group_index[group] * size[image] + np.arange(size[image])
-        return by_image[starts[image] + offsets % counts[image]]
 
-    image_of = group_image.tolist()
+def _packed(rng: np.random.Generator, image_of: list[int], per_batch: int) -> list[list[int]]:
+    """The groups (``image_of[g]`` the image of group ``g``) shuffled and packed in order into
+    batches of ``per_batch`` distinct images; the last batch completed with random groups."""
     pending = deque(rng.permutation(len(image_of)).tolist())
     batches: list[list[int]] = []
     while pending:
-        batch: list[int] = []
-        seen: set[int] = set()
-        waiting: list[int] = []
-        while pending and len(batch) < images_per_batch:
-            group = pending.popleft()
-            if image_of[group] in seen:
-                waiting.append(group)
-            else:
-                batch.append(group)
-                seen.add(image_of[group])
-        pending.extendleft(reversed(waiting))
-        if len(batch) < images_per_batch:
-            for group in rng.permutation(len(image_of)).tolist():
-                if image_of[group] not in seen:
-                    batch.append(group)
-                    seen.add(image_of[group])
-                    if len(batch) == images_per_batch:
-                        break
+        batch = _take_distinct(pending, image_of, per_batch)
+        if len(batch) < per_batch:
+            batch = _completed(rng, batch, image_of, per_batch)
         batches.append(batch)
+    return batches
 
-    result = []
-    for batch in batches:
-        parts = [members(group) for group in batch]
-        result.append(
-            NeighbourhoodBatch(
-                images=images[group_image[batch]].astype(np.int64),
-                captions=np.concatenate(parts).astype(np.int64),
-                caption_slot=np.repeat(np.arange(len(batch)), [len(p) for p in parts]),
-            )
-        )
-    return result
+
+def _take_distinct(pending: deque, image_of: list[int], per_batch: int) -> list[int]:
+    """Up to ``per_batch`` groups of distinct images from the front of ``pending``; a group whose
+    image was already taken stays at the front, in order, for the next batch."""
+    batch: list[int] = []
+    seen: set[int] = set()
+    waiting: list[int] = []
+    while pending and len(batch) < per_batch:
+        group = pending.popleft()
+        if image_of[group] in seen:
+            waiting.append(group)
+        else:
+            batch.append(group)
+            seen.add(image_of[group])
+    pending.extendleft(reversed(waiting))
+    return batch
+
+
+def _completed(
+    rng: np.random.Generator, batch: list[int], image_of: list[int], per_batch: int
+) -> list[int]:
+    """``batch`` filled up to ``per_batch`` with groups of random other images."""
+    batch = list(batch)
+    seen = {image_of[group] for group in batch}
+    for group in rng.permutation(len(image_of)).tolist():
+        if image_of[group] not in seen:
+            batch.append(group)
+            seen.add(image_of[group])
+            if len(batch) == per_batch:
+                break
+    return batch
 
 
 def sample_negative_pairs(
