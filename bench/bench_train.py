@@ -24,7 +24,9 @@ from imtext.config import load_stage_config
 from imtext.data.datasets import InstanceTrainDataset, train_transform
 from imtext.data.store import PreparedSplit, read_vocabulary
 from imtext.models.dual_path import build_model
-from imtext.train.loop import Batch, autocast_for, step_losses, train_stage
+from imtext.train.batches import Batch
+from imtext.train.loop import autocast_for, train_stage
+from imtext.train.objective import step_losses
 from imtext.train.schedule import build_optimizer, parameter_groups
 
 REPO = Path(__file__).resolve().parents[1]

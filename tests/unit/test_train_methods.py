@@ -26,15 +26,11 @@ from imtext.losses import LogitScale
 from imtext.models.dual_path import DualPathModel, DualPathOutput, MethodOutput, build_model
 from imtext.models.methods import NoEmbeddingError, SimilarityModel, TwoBranchModel
 from imtext.train import distributed
+from imtext.train.batches import Batch, batch_of, with_negative_pairs
+from imtext.train.batches import epoch_loader as _loader
 from imtext.train.checkpoint import load_model, model_record, save_atomic
-from imtext.train.loop import _initial_model, _loader, step_losses
-from imtext.train.methods import (
-    Batch,
-    batch_of,
-    forward_kwargs,
-    reversal_coefficient,
-    with_negative_pairs,
-)
+from imtext.train.loop import _initial_model
+from imtext.train.objective import forward_kwargs, reversal_coefficient, step_losses
 from imtext.train.scoring import retrieval_inputs, score_split
 from tests.conftest import REPO, TINY_MODEL
 

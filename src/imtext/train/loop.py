@@ -1,5 +1,9 @@
 """The training loop shared by Stage I (``pretrain``) and Stage II (``finetune``).
 
+A stage is a loop over epochs of small named steps (:func:`_train_stage`). What a step minimises,
+and the batch it needs, is chosen in ``imtext.train.objective``; the epoch's loader is built in
+``imtext.train.batches``.
+
 Reproducibility: every epoch derives its seeds from ``(seed, epoch)`` (shuffling, augmentation,
 dropout, candidate sampling), so an epoch replayed after a resume draws exactly what the
 uninterrupted run drew. A checkpoint is written atomically after every epoch; ``resume`` continues
@@ -23,7 +27,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.profiler import record_function
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from torch.utils.data import DataLoader
 
 from imtext.config import (
     MODEL_METHOD_DEFAULTS,
@@ -37,20 +41,13 @@ from imtext.config import (
 )
 from imtext.data.datasets import InstanceTrainDataset, train_transform
 from imtext.data.store import PreparedSplit, read_vocabulary
-from imtext.data.text import random_shift
 from imtext.errors import ConfigError, DataError, ImtextError
 from imtext.eval.metrics import retrieval_metrics
-from imtext.losses import (
-    LogitScale,
-    dual_path_loss,
-    hardest_negative_indices,
-    instance_loss,
-    modality_loss,
-    paired_ranking_loss,
-)
+from imtext.losses import LogitScale
 from imtext.models.dual_path import DualPathModel, build_model
 from imtext.models.word2vec import init_word_embedding, read_word_vectors
 from imtext.train import distributed
+from imtext.train.batches import Batch, epoch_loader, epoch_seed
 from imtext.train.checkpoint import (
     CHECKPOINT_FILE,
     MODEL_FILE,
@@ -61,17 +58,13 @@ from imtext.train.checkpoint import (
     save_atomic,
     set_rng_state,
 )
-from imtext.train.methods import (
-    Batch,
-    NeighbourhoodDataset,
-    batch_of,
-    epoch_neighbourhood_batches,
+from imtext.train.objective import (
     forward_kwargs,
-    ranking_term,
+    learns_temperature,
     reversal_coefficient,
-    with_negative_pairs,
+    step_batch,
+    step_losses,
 )
-from imtext.train.sampling import sample_candidates
 from imtext.train.schedule import (
     build_optimizer,
     lr_at_time,
@@ -106,95 +99,41 @@ class RunState:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-__all__ = ["Batch", "step_losses", "train_stage", "validate"]
+@dataclass(frozen=True)
+class TrainingData:
+    """The prepared data a stage trains and validates on."""
+
+    train: PreparedSplit
+    val: PreparedSplit
+    vocab: list[str]
+    n_classes: int
+
+
+@dataclass
+class StageRun:
+    """One stage's fixed setting: its settings, data, model, optimiser and where its files go.
+
+    ``core`` is the model itself (what is validated and saved); ``model`` what the training forward
+    pass calls: ``core``, wrapped in ``DistributedDataParallel`` when several processes train.
+    """
+
+    stage: str
+    model_cfg: ModelConfig
+    cfg: TrainConfig
+    info: distributed.Dist
+    out_dir: Path
+    log: Log
+    data: TrainingData
+    core: DualPathModel
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+
+
+__all__ = ["train_stage", "validate"]
 
 
 # ---------------------------------------------------------------------------- per-step pieces
-
-
-def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
-    """A distinct, reproducible seed per (run seed, epoch, process)."""
-    return (seed * 1_000_003 + epoch * 1009 + rank) % 2**31
-
-
-def mined_batch(
-    core: DualPathModel,
-    items: dict[str, torch.Tensor],
-    train: PreparedSplit,
-    cfg: TrainConfig,
-    rng: np.random.Generator,
-    device: torch.device,
-) -> Batch:
-    """The paper's Stage II batch: images ``P + N``, texts ``P captions + one negative per P image``.
-
-    Negatives come from ``candidate_pool`` random captions of images outside the batch; with
-    ``paired_hard`` the one scoring highest against each anchor (the network in eval mode, no
-    gradient), with ``paired_random`` a random one.
-    """
-    images, tokens, labels = items["image"], items["tokens"], items["label"]
-    half = len(labels) // 2
-    pool = sample_candidates(rng, train.caption_labels, labels.numpy(), cfg.candidate_pool)
-    rows = train.tokens[pool]
-    if cfg.text_shift:
-        rows = np.stack(
-            [random_shift(r, int(n), rng) for r, n in zip(rows, train.lengths[pool], strict=True)]
-        )
-    candidates = torch.from_numpy(rows.astype(np.int64))
-    candidate_labels = torch.from_numpy(train.caption_labels[pool])
-    if cfg.ranking == "paired_hard":
-        was_training = core.training
-        core.eval()
-        with torch.no_grad():
-            anchors = core.encode_image(images[:half].to(device))
-            scored = core.encode_text(candidates.to(device))
-        core.train(was_training)
-        chosen = hardest_negative_indices(anchors, scored, labels[:half], candidate_labels).cpu()
-    else:
-        chosen = torch.arange(half)
-    return Batch(
-        images,
-        torch.cat([tokens[:half], candidates[chosen]]),
-        labels,
-        torch.cat([labels[:half], candidate_labels[chosen]]),
-    )
-
-
-def step_losses(out: Any, batch: Batch, cfg: TrainConfig, device: torch.device) -> dict:
-    """Loss terms of one step; ``loss`` is what is minimised.
-
-    ``loss = λ_r·rank + λ_i·inst_image + λ_t·inst_text`` (``loss_weights``), where ``rank`` is
-    the term of ``cfg.ranking`` (``imtext.train.methods``), ``+ adversarial_weight·adv`` when the
-    model has a modality discriminator. The paper's model gets exactly the four terms it always
-    had; the other methods add theirs (``adv``, ``temperature``, ``rank_t2i`` ...) for the logs.
-    """
-    image_labels = batch.image_labels.to(device)
-    text_labels = batch.text_labels.to(device)
-    image_logits = out.image_logits.float()
-    if batch.caption_slot is not None:
-        # Several captions per image: each image's term counts once per caption, row by row.
-        image_logits, image_labels = image_logits[batch.caption_slot.to(device)], text_labels
-    image_inst, text_inst = instance_loss(
-        image_logits, out.text_logits.float(), image_labels, text_labels
-    )
-    image_emb, text_emb = out.image_emb.float(), out.text_emb.float()
-    parts: dict[str, torch.Tensor] = {}
-    if cfg.loss_weights[0] == 0:
-        rank = image_emb.new_zeros(())
-    elif cfg.ranking.startswith("paired"):
-        half = len(image_emb) // 2
-        rank = paired_ranking_loss(
-            image_emb[:half], text_emb[:half], text_emb[half:], image_emb[half:], cfg.margin
-        )
-    else:
-        rank, parts = ranking_term(out, batch, cfg, device)
-    total = dual_path_loss(rank, image_inst, text_inst, tuple(cfg.loss_weights))
-    losses = {"loss": total, "rank": rank, "inst_image": image_inst, "inst_text": text_inst}
-    if getattr(out, "image_modality", None) is not None:
-        # Always in the sum, at weight 0 too: every parameter then gets a gradient (DDP needs it).
-        adv = modality_loss(out.image_modality.float(), out.text_modality.float())
-        losses["loss"] = total + cfg.adversarial_weight * adv
-        losses["adv"] = adv
-    return {**losses, **parts}
 
 
 def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -262,79 +201,81 @@ def _timed(loader: DataLoader, stats: EpochStats) -> Iterator[dict[str, torch.Te
 
 
 def train_one_epoch(
-    model: torch.nn.Module,
-    core: DualPathModel,
-    loader: DataLoader,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler | None,
-    train: PreparedSplit,
-    cfg: TrainConfig,
-    rng: np.random.Generator,
-    device: torch.device,
-    state: RunState,
-    log: Log,
-    bar: Any,
+    run: StageRun, loader: DataLoader, rng: np.random.Generator, state: RunState, bar: Any
 ) -> dict[str, float]:
-    model.train()
+    """One pass over ``loader``, a step per batch; returns the epoch's means and throughput."""
+    run.model.train()
     stats = EpochStats()
     start = time.perf_counter()
-    has_discriminator = core.discriminator is not None
     steps, epoch = len(loader), state.epoch
     for i, items in enumerate(_timed(loader, stats)):
-        set_lr(optimizer, lr_at_time(epoch + i / steps, cfg))
-        # The labels let a profiler split a step into data, mining, model and the rest.
-        with record_function("imtext.mining"):
-            if cfg.loss_weights[0] > 0 and cfg.ranking.startswith("paired"):
-                batch = mined_batch(core, items, train, cfg, rng, device)
-            else:
-                batch = batch_of(items)
-            if cfg.ranking == "logistic":
-                batch = with_negative_pairs(batch, cfg.negatives_per_positive, rng)
-        lam = reversal_coefficient(state.step, len(loader), cfg) if has_discriminator else 0.0
-        kwargs = forward_kwargs(batch, cfg, has_discriminator, lam)
-        with autocast_for(device, cfg.precision):
-            with record_function("imtext.forward"):
-                images = batch.images.to(
-                    device, non_blocking=True, memory_format=torch.channels_last
-                )
-                out = model(images, batch.tokens.to(device), **_to(kwargs, device))
-            with record_function("imtext.loss"):
-                losses = step_losses(out, batch, cfg, device)
-        if has_discriminator:
-            losses["adv_lambda"] = losses["loss"].new_tensor(lam)
-        if not torch.isfinite(losses["loss"]):
-            raise ImtextError(
-                f"the loss became {losses['loss'].item()} at step {state.step}; lower the "
-                "learning rate (lr) or use precision bf16/fp32"
-            )
-        optimizer.zero_grad(set_to_none=True)
-        with record_function("imtext.backward"):
-            if scaler is not None:
-                scaler.scale(losses["loss"]).backward()
-            else:
-                losses["loss"].backward()
-        with record_function("imtext.optimizer"):
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-        if core.logit_scale is not None:
-            core.logit_scale.clamp_()  # keeps the temperature where the loss's clamp is a no-op
-        # One device-to-host copy for all terms, not one per term.
-        values = dict(
-            zip(losses, torch.stack([v.detach() for v in losses.values()]).tolist(), strict=True)
-        )
-        stats.add(values, len(batch.images))
+        set_lr(run.optimizer, lr_at_time(epoch + i / steps, run.cfg))
+        values, samples = _train_step(run, items, rng, state.step, steps)
+        stats.add(values, samples)
         state.step += 1
         if state.step % LOG_EVERY == 0:
-            log({f"step_{k}": v for k, v in values.items()}, state.step)
+            run.log({f"step_{k}": v for k, v in values.items()}, state.step)
         if bar is not None:
             elapsed = time.perf_counter() - start
             bar.set_postfix(loss=f"{values['loss']:.3f}", img_s=f"{stats.samples / elapsed:.0f}")
             bar.update(1)
     stats.seconds = time.perf_counter() - start
     return stats.summary()
+
+
+def _train_step(
+    run: StageRun, items: dict, rng: np.random.Generator, step: int, steps_per_epoch: int
+) -> tuple[dict[str, float], int]:
+    """One optimiser step on the loader's ``items``: the loss terms' values and the batch size."""
+    core = run.core
+    has_discriminator = core.discriminator is not None
+    # The labels let a profiler split a step into data, mining, model and the rest.
+    with record_function("imtext.mining"):
+        batch = step_batch(core, items, run.data.train, run.cfg, rng, run.info.device)
+    lam = reversal_coefficient(step, steps_per_epoch, run.cfg) if has_discriminator else 0.0
+    losses = _forward_losses(run, batch, lam)
+    if has_discriminator:
+        losses["adv_lambda"] = losses["loss"].new_tensor(lam)
+    if not torch.isfinite(losses["loss"]):
+        raise ImtextError(
+            f"the loss became {losses['loss'].item()} at step {step}; lower the "
+            "learning rate (lr) or use precision bf16/fp32"
+        )
+    _minimise(losses["loss"], run.optimizer, run.scaler)
+    if core.logit_scale is not None:
+        core.logit_scale.clamp_()  # keeps the temperature where the loss's clamp is a no-op
+    # One device-to-host copy for all terms, not one per term.
+    values = torch.stack([v.detach() for v in losses.values()]).tolist()
+    return dict(zip(losses, values, strict=True)), len(batch.images)
+
+
+def _forward_losses(run: StageRun, batch: Batch, lam: float) -> dict[str, torch.Tensor]:
+    """The forward pass on ``batch`` (mixed precision per ``precision``) and its loss terms."""
+    device = run.info.device
+    kwargs = forward_kwargs(batch, run.cfg, run.core.discriminator is not None, lam)
+    with autocast_for(device, run.cfg.precision):
+        with record_function("imtext.forward"):
+            images = batch.images.to(device, non_blocking=True, memory_format=torch.channels_last)
+            out = run.model(images, batch.tokens.to(device), **_to(kwargs, device))
+        with record_function("imtext.loss"):
+            return step_losses(out, batch, run.cfg, device)
+
+
+def _minimise(
+    loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None
+) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    with record_function("imtext.backward"):
+        if scaler is not None:
+            scaler.scale(loss).backward()
+        else:
+            loss.backward()
+    with record_function("imtext.optimizer"):
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
 
 
 # --------------------------------------------------------------------------- validation
@@ -358,6 +299,273 @@ def validate(
 
 
 # ------------------------------------------------------------------------------ the stage
+
+
+def train_stage(
+    stage: str,
+    model_cfg: ModelConfig,
+    cfg: TrainConfig,
+    prepared: Path,
+    out_dir: Path,
+    *,
+    init: Path | None = None,
+    resume: bool = False,
+    device: str = "auto",
+    log: Log = _no_log,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Train one stage on ``prepared`` data into ``out_dir``; returns the stage's metrics.
+
+    Writes ``checkpoint.pt`` (after every epoch, for ``resume``), ``model.pt`` (the epoch with the
+    best validation rsum), ``history.json`` (per-epoch metrics) and ``metrics.json``.
+    ``init`` is a model file to start from (Stage II starts from Stage I's ``model.pt``).
+    """
+    out_dir = Path(out_dir)
+    check_method(model_cfg, cfg, stage)
+    info = distributed.setup(device)
+    try:
+        data = _training_data(Path(prepared), cfg, info)
+        run = _start_run(stage, model_cfg, cfg, data, init, info, out_dir, log)
+        return _train_stage(run, resume, progress)
+    finally:
+        distributed.teardown(info)
+
+
+def _train_stage(run: StageRun, resume: bool, progress: bool) -> dict[str, float]:
+    cfg, info = run.cfg, run.info
+    state = _resumed_state(run, resume)
+    run.out_dir.mkdir(parents=True, exist_ok=True)
+    if info.world_size > 1:
+        run.model = DistributedDataParallel(
+            run.core, device_ids=[info.device.index] if info.device.type == "cuda" else None
+        )
+    dataset = InstanceTrainDataset(
+        run.data.train,
+        train_transform(run.model_cfg.image_size, cfg.hflip, cfg.crop_scale, cfg.image_augment),
+        cfg.text_shift,
+    )
+    steps_per_epoch = len(epoch_loader(dataset, cfg, info, state.epoch))
+    _announce(run, steps_per_epoch)
+    # A run resumed after it stopped early stays stopped (a retried pipeline step must not train
+    # past the epoch the uninterrupted run stopped at).
+    stop = _patience_spent(cfg, state)
+    while state.epoch < cfg.epochs and not stop:
+        metrics = _run_epoch(run, dataset, state, steps_per_epoch, progress)
+        if info.is_main:
+            _end_epoch(run, state, metrics)
+        stop = _stops_early(run, state)
+        distributed.barrier(info)
+    if cfg.epochs == 0 and info.is_main:
+        _pass_initial_model(run, state)
+    result = _stage_metrics(state)
+    if info.is_main:
+        _write_json(run.out_dir / METRICS_FILE, result)
+    return result
+
+
+def _training_data(prepared: Path, cfg: TrainConfig, info: distributed.Dist) -> TrainingData:
+    train = PreparedSplit.load(prepared, "train")
+    if train.n_images < cfg.batch_size * info.world_size:
+        raise DataError(
+            f"{prepared}: {train.n_images} training images are fewer than one batch "
+            f"({cfg.batch_size} x {info.world_size} processes); lower batch_size"
+        )
+    return TrainingData(
+        train,
+        PreparedSplit.load(prepared, "val"),
+        list(read_vocabulary(prepared).words),
+        int(train.image_labels.max()) + 1 if train.n_images else 0,
+    )
+
+
+def _start_run(
+    stage: str,
+    model_cfg: ModelConfig,
+    cfg: TrainConfig,
+    data: TrainingData,
+    init: Path | None,
+    info: distributed.Dist,
+    out_dir: Path,
+    log: Log,
+) -> StageRun:
+    """The stage's model (seeded by ``seed``, or from ``init``), on its device, and its optimiser."""
+    torch.manual_seed(cfg.seed)
+    model, model_cfg = _initial_model(model_cfg, init, data.vocab, data.n_classes)
+    check_method(model_cfg, cfg, f"{stage} (model of {init})")
+    _attach_logit_scale(model, cfg)
+    model.to(info.device)
+    # NHWC convolutions are ~10% faster on the CPU (oneDNN) and use tensor cores on CUDA.
+    model.image.to(memory_format=torch.channels_last)
+    groups = parameter_groups(model, cfg)
+    model.image.freeze_backbone(cfg.backbone_lr_mult == 0)
+    optimizer = build_optimizer(groups, cfg)
+    use_scaler = info.device.type == "cuda" and cfg.precision == "fp16"
+    scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+    log = log if info.is_main else _no_log
+    return StageRun(
+        stage, model_cfg, cfg, info, out_dir, log, data, model, model, optimizer, scaler
+    )
+
+
+def _resumed_state(run: StageRun, resume: bool) -> RunState:
+    """The run state of the checkpoint in ``out_dir`` (weights, optimiser and RNGs restored from
+    it), or a fresh one; a checkpoint there without ``resume`` is an error."""
+    path = run.out_dir / CHECKPOINT_FILE
+    if not path.exists():
+        if resume and run.info.is_main:
+            logger.info(
+                "%s: no checkpoint in %s; starting from the beginning", run.stage, path.parent
+            )
+        return RunState()
+    if not resume:
+        raise ImtextError(
+            f"{path}: a checkpoint of an earlier run is there; pass --resume to "
+            "continue it, or remove the directory to start over"
+        )
+    record = load_file(path, "checkpoint")
+    _check_resumable(record, run.model_cfg, run.cfg, path)
+    run.core.load_state_dict(record["state_dict"])
+    run.optimizer.load_state_dict(record["optimizer"])
+    if run.scaler is not None and record.get("scaler"):
+        run.scaler.load_state_dict(record["scaler"])
+    set_rng_state(record["rng"])
+    state = RunState(**record["run_state"])
+    if run.info.is_main:
+        logger.info("%s: resuming after epoch %d from %s", run.stage, state.epoch, path)
+    return state
+
+
+def _announce(run: StageRun, steps_per_epoch: int) -> None:
+    info = run.info
+    if info.is_main:
+        logger.info(
+            "%s: %d training images, %d instances, %d steps per epoch, %d epochs on %s%s",
+            run.stage,
+            run.data.train.n_images,
+            run.data.n_classes,
+            steps_per_epoch,
+            run.cfg.epochs,
+            info.device,
+            f" x {info.world_size} processes" if info.world_size > 1 else "",
+        )
+
+
+def _run_epoch(
+    run: StageRun,
+    dataset: InstanceTrainDataset,
+    state: RunState,
+    steps_per_epoch: int,
+    progress: bool,
+) -> dict[str, float]:
+    """Epoch ``state.epoch``, seeded by ``(seed, epoch, rank)``; returns its metrics."""
+    from tqdm import tqdm
+
+    cfg, info, epoch = run.cfg, run.info, state.epoch
+    torch.manual_seed(epoch_seed(cfg.seed, epoch, info.rank))
+    rng = np.random.default_rng(epoch_seed(cfg.seed, epoch, info.rank))
+    lr = set_epoch_lr(run.optimizer, epoch, cfg)
+    bar = tqdm(
+        total=steps_per_epoch,
+        desc=f"{run.stage} {epoch + 1}/{cfg.epochs}",
+        unit="step",
+        disable=None if progress and info.is_main else True,
+        leave=False,
+    )
+    with bar:
+        metrics = train_one_epoch(run, epoch_loader(dataset, cfg, info, epoch), rng, state, bar)
+    state.epoch = epoch + 1
+    return {"epoch": epoch + 1, "lr": lr, **metrics}
+
+
+def _end_epoch(run: StageRun, state: RunState, metrics: dict[str, float]) -> None:
+    """The main process's end of an epoch: validate when due and keep the best model, then log
+    and write the checkpoint and the history."""
+    cfg, val = run.cfg, run.data.val
+    if val.n_images > 0 and (state.epoch % cfg.eval_every == 0 or state.epoch == cfg.epochs):
+        scores = validate(
+            run.core,
+            val,
+            run.model_cfg.image_size,
+            run.info.device,
+            cfg.val_flip_average,
+            cfg.val_shift_average,
+        )
+        metrics.update({f"val_{k}": v for k, v in scores.items()})
+        _track_best(run, state, metrics)
+    elif val.n_images == 0 and state.epoch == cfg.epochs:
+        logger.warning("%s: no validation images; keeping the last epoch", run.stage)
+        _save_model(run, state.epoch, metrics)
+    state.history.append(metrics)
+    run.log(metrics, state.step)
+    logger.info("%s", _epoch_line(run.stage, metrics))
+    save_atomic(_checkpoint_record(run, state), run.out_dir / CHECKPOINT_FILE)
+    _write_json(run.out_dir / HISTORY_FILE, state.history)
+
+
+def _patience_spent(cfg: TrainConfig, state: RunState) -> bool:
+    return cfg.patience is not None and state.bad_evals >= cfg.patience
+
+
+def _stops_early(run: StageRun, state: RunState) -> bool:
+    """Whether every process stops now (the main process's count of validations without gain)."""
+    stop = distributed.broadcast_flag(run.info, _patience_spent(run.cfg, state))
+    if stop and run.info.is_main:
+        logger.info(
+            "%s: stopping early; val rsum has not improved for %d validations",
+            run.stage,
+            state.bad_evals,
+        )
+    return stop
+
+
+def _checkpoint_record(run: StageRun, state: RunState) -> dict:
+    """What ``resume`` needs to continue after the last finished epoch."""
+    return {
+        **model_record(run.core, run.model_cfg, len(run.data.vocab), run.data.n_classes),
+        "train_config": config_to_dict(run.cfg),
+        "stage": run.stage,
+        "optimizer": run.optimizer.state_dict(),
+        "scaler": run.scaler.state_dict() if run.scaler is not None else None,
+        "rng": rng_state(),
+        "run_state": state.__dict__,
+    }
+
+
+def _pass_initial_model(run: StageRun, state: RunState) -> None:
+    """``epochs: 0``: the stage trains nothing and its ``model.pt`` is the model it started from
+    (its initialisation, or ``init``), so that the next stage starts where it would have."""
+    logger.info("%s: 0 epochs; model.pt is the initial model, untrained", run.stage)
+    _save_model(run, 0, {})
+    # The stage's other outputs exist as after any run (dvc.yaml declares them): an empty
+    # history, and one log record, which also tells the console that nothing was trained.
+    _write_json(run.out_dir / HISTORY_FILE, [])
+    run.log({"epoch": 0}, 0)
+    # Every output dvc.yaml declares exists, a checkpoint of epoch 0 included.
+    save_atomic(_checkpoint_record(run, state), run.out_dir / CHECKPOINT_FILE)
+
+
+def _track_best(run: StageRun, state: RunState, metrics: dict[str, float]) -> None:
+    if metrics["val_rsum"] > state.best_rsum:
+        state.best_rsum, state.best_epoch, state.bad_evals = metrics["val_rsum"], state.epoch, 0
+        _save_model(run, state.epoch, metrics)
+    else:
+        state.bad_evals += 1
+
+
+def _save_model(run: StageRun, epoch: int, metrics: dict[str, float]) -> None:
+    save_atomic(
+        model_record(
+            run.core,
+            run.model_cfg,
+            len(run.data.vocab),
+            run.data.n_classes,
+            stage=run.stage,
+            epoch=epoch,
+            train_config=config_to_dict(run.cfg),
+            metrics=reproducible_metrics(metrics),
+        ),
+        run.out_dir / MODEL_FILE,
+    )
 
 
 def _initial_model(
@@ -417,7 +625,7 @@ def _transferred(
 def _attach_logit_scale(model: DualPathModel, cfg: TrainConfig) -> None:
     """InfoNCE's learned temperature lives on the model (optimiser, checkpoint, DDP see it); it
     continues from the init model's when that has one. Other losses train without it."""
-    if cfg.ranking == "infonce" and cfg.loss_weights[0] > 0:
+    if learns_temperature(cfg):
         if model.logit_scale is None:
             model.logit_scale = LogitScale(cfg.init_temperature)
     else:
@@ -436,301 +644,6 @@ def _check_resumable(record: dict, model_cfg: ModelConfig, cfg: TrainConfig, pat
             f"{path}: this checkpoint was written with other settings; resume with the same "
             "params (only epochs and patience may change), or choose a new output directory"
         )
-
-
-def _loader(dataset, cfg: TrainConfig, info: distributed.Dist, epoch: int) -> DataLoader:
-    generator = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch))
-    if cfg.sentences_per_image > 1:
-        return _neighbourhood_loader(dataset, cfg, info, epoch, generator)
-    if info.world_size > 1:
-        sampler = DistributedSampler(
-            dataset, info.world_size, info.rank, shuffle=True, seed=cfg.seed, drop_last=True
-        )
-        sampler.set_epoch(epoch)
-    else:
-        sampler = RandomSampler(dataset, generator=generator)
-    return DataLoader(
-        dataset,
-        batch_size=cfg.batch_size,
-        sampler=sampler,
-        num_workers=cfg.workers,
-        drop_last=True,
-        generator=generator,
-        pin_memory=info.device.type == "cuda",
-        persistent_workers=False,
-    )
-
-
-def _neighbourhood_loader(
-    dataset: InstanceTrainDataset,
-    cfg: TrainConfig,
-    info: distributed.Dist,
-    epoch: int,
-    generator: torch.Generator,
-) -> DataLoader:
-    """The epoch's neighbourhood batches (one loader item each), this process's share of them."""
-    seed = epoch_seed(cfg.seed, epoch)  # without the rank: every process draws the same epoch
-    batches = epoch_neighbourhood_batches(dataset.split, cfg, seed, info.rank, info.world_size)
-    items = NeighbourhoodDataset(dataset.split, dataset.transform, dataset.shift, batches, seed)
-    return DataLoader(
-        items,
-        batch_size=None,
-        shuffle=False,  # the batches come shuffled
-        num_workers=cfg.workers,
-        generator=generator,
-        pin_memory=info.device.type == "cuda",
-        persistent_workers=False,
-    )
-
-
-def train_stage(
-    stage: str,
-    model_cfg: ModelConfig,
-    cfg: TrainConfig,
-    prepared: Path,
-    out_dir: Path,
-    *,
-    init: Path | None = None,
-    resume: bool = False,
-    device: str = "auto",
-    log: Log = _no_log,
-    progress: bool = True,
-) -> dict[str, float]:
-    """Train one stage on ``prepared`` data into ``out_dir``; returns the stage's metrics.
-
-    Writes ``checkpoint.pt`` (after every epoch, for ``resume``), ``model.pt`` (the epoch with the
-    best validation rsum), ``history.json`` (per-epoch metrics) and ``metrics.json``.
-    ``init`` is a model file to start from (Stage II starts from Stage I's ``model.pt``).
-    """
-    out_dir = Path(out_dir)
-    check_method(model_cfg, cfg, stage)
-    info = distributed.setup(device)
-    try:
-        return _train_stage(
-            stage, model_cfg, cfg, Path(prepared), out_dir, init, resume, info, log, progress
-        )
-    finally:
-        distributed.teardown(info)
-
-
-def _train_stage(stage, model_cfg, cfg, prepared, out_dir, init, resume, info, log, progress):
-    if not info.is_main:
-        log = _no_log
-    train = PreparedSplit.load(prepared, "train")
-    val = PreparedSplit.load(prepared, "val")
-    vocab = list(read_vocabulary(prepared).words)
-    n_classes = int(train.image_labels.max()) + 1 if train.n_images else 0
-    if train.n_images < cfg.batch_size * info.world_size:
-        raise DataError(
-            f"{prepared}: {train.n_images} training images are fewer than one batch "
-            f"({cfg.batch_size} x {info.world_size} processes); lower batch_size"
-        )
-    torch.manual_seed(cfg.seed)
-    model, model_cfg = _initial_model(model_cfg, init, vocab, n_classes)
-    check_method(model_cfg, cfg, f"{stage} (model of {init})")
-    _attach_logit_scale(model, cfg)
-    model.to(info.device)
-    # NHWC convolutions are ~10% faster on the CPU (oneDNN) and use tensor cores on CUDA.
-    model.image.to(memory_format=torch.channels_last)
-    groups = parameter_groups(model, cfg)
-    model.image.freeze_backbone(cfg.backbone_lr_mult == 0)
-    optimizer = build_optimizer(groups, cfg)
-    use_scaler = info.device.type == "cuda" and cfg.precision == "fp16"
-    scaler = torch.amp.GradScaler("cuda") if use_scaler else None
-    state = RunState()
-
-    checkpoint_path = out_dir / CHECKPOINT_FILE
-    if checkpoint_path.exists():
-        if not resume:
-            raise ImtextError(
-                f"{checkpoint_path}: a checkpoint of an earlier run is there; pass --resume to "
-                "continue it, or remove the directory to start over"
-            )
-        record = load_file(checkpoint_path, "checkpoint")
-        _check_resumable(record, model_cfg, cfg, checkpoint_path)
-        model.load_state_dict(record["state_dict"])
-        optimizer.load_state_dict(record["optimizer"])
-        if scaler is not None and record.get("scaler"):
-            scaler.load_state_dict(record["scaler"])
-        set_rng_state(record["rng"])
-        state = RunState(**record["run_state"])
-        if info.is_main:
-            logger.info("%s: resuming after epoch %d from %s", stage, state.epoch, checkpoint_path)
-    elif resume and info.is_main:
-        logger.info("%s: no checkpoint in %s; starting from the beginning", stage, out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    core = model
-    if info.world_size > 1:
-        model = DistributedDataParallel(
-            model, device_ids=[info.device.index] if info.device.type == "cuda" else None
-        )
-    dataset = InstanceTrainDataset(
-        train,
-        train_transform(model_cfg.image_size, cfg.hflip, cfg.crop_scale, cfg.image_augment),
-        cfg.text_shift,
-    )
-    steps_per_epoch = len(_loader(dataset, cfg, info, state.epoch))
-    if info.is_main:
-        logger.info(
-            "%s: %d training images, %d instances, %d steps per epoch, %d epochs on %s%s",
-            stage,
-            train.n_images,
-            n_classes,
-            steps_per_epoch,
-            cfg.epochs,
-            info.device,
-            f" x {info.world_size} processes" if info.world_size > 1 else "",
-        )
-    from tqdm import tqdm
-
-    # A run resumed after it stopped early stays stopped (a retried pipeline step must not train
-    # past the epoch the uninterrupted run stopped at).
-    stop = cfg.patience is not None and state.bad_evals >= cfg.patience
-    while state.epoch < cfg.epochs and not stop:
-        epoch = state.epoch
-        torch.manual_seed(epoch_seed(cfg.seed, epoch, info.rank))
-        rng = np.random.default_rng(epoch_seed(cfg.seed, epoch, info.rank))
-        lr = set_epoch_lr(optimizer, epoch, cfg)
-        bar = tqdm(
-            total=steps_per_epoch,
-            desc=f"{stage} {epoch + 1}/{cfg.epochs}",
-            unit="step",
-            disable=None if progress and info.is_main else True,
-            leave=False,
-        )
-        with bar:
-            metrics = train_one_epoch(
-                model,
-                core,
-                _loader(dataset, cfg, info, epoch),
-                optimizer,
-                scaler,
-                train,
-                cfg,
-                rng,
-                info.device,
-                state,
-                log,
-                bar,
-            )
-        metrics = {"epoch": epoch + 1, "lr": lr, **metrics}
-        state.epoch = epoch + 1
-        validating = val.n_images > 0 and (
-            state.epoch % cfg.eval_every == 0 or state.epoch == cfg.epochs
-        )
-        if info.is_main:
-            if validating:
-                scores = validate(
-                    core,
-                    val,
-                    model_cfg.image_size,
-                    info.device,
-                    cfg.val_flip_average,
-                    cfg.val_shift_average,
-                )
-                metrics.update({f"val_{k}": v for k, v in scores.items()})
-                _track_best(
-                    state, metrics, core, model_cfg, len(vocab), n_classes, cfg, stage, out_dir
-                )
-            elif val.n_images == 0 and state.epoch == cfg.epochs:
-                logger.warning("%s: no validation images; keeping the last epoch", stage)
-                _save_model(
-                    core,
-                    model_cfg,
-                    len(vocab),
-                    n_classes,
-                    cfg,
-                    stage,
-                    state.epoch,
-                    metrics,
-                    out_dir,
-                )
-            state.history.append(metrics)
-            log(metrics, state.step)
-            logger.info("%s", _epoch_line(stage, metrics))
-            save_atomic(
-                _checkpoint_record(
-                    core, model_cfg, len(vocab), n_classes, cfg, stage, optimizer, scaler, state
-                ),
-                out_dir / CHECKPOINT_FILE,
-            )
-            _write_json(out_dir / HISTORY_FILE, state.history)
-        stop = distributed.broadcast_flag(
-            info, cfg.patience is not None and state.bad_evals >= cfg.patience
-        )
-        if stop and info.is_main:
-            logger.info(
-                "%s: stopping early; val rsum has not improved for %d validations",
-                stage,
-                state.bad_evals,
-            )
-        distributed.barrier(info)
-    if cfg.epochs == 0 and info.is_main:
-        _pass_initial_model(core, model_cfg, len(vocab), n_classes, cfg, stage, out_dir, log)
-        # Every output dvc.yaml declares exists, a checkpoint of epoch 0 included.
-        save_atomic(
-            _checkpoint_record(
-                core, model_cfg, len(vocab), n_classes, cfg, stage, optimizer, scaler, state
-            ),
-            out_dir / CHECKPOINT_FILE,
-        )
-    result = _stage_metrics(state)
-    if info.is_main:
-        _write_json(out_dir / METRICS_FILE, result)
-    return result
-
-
-def _checkpoint_record(
-    core, model_cfg, vocab_size, n_classes, cfg, stage, optimizer, scaler, state
-) -> dict:
-    """What ``resume`` needs to continue after the last finished epoch."""
-    return {
-        **model_record(core, model_cfg, vocab_size, n_classes),
-        "train_config": config_to_dict(cfg),
-        "stage": stage,
-        "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict() if scaler is not None else None,
-        "rng": rng_state(),
-        "run_state": state.__dict__,
-    }
-
-
-def _pass_initial_model(core, model_cfg, vocab_size, n_classes, cfg, stage, out_dir, log):
-    """``epochs: 0``: the stage trains nothing and its ``model.pt`` is the model it started from
-    (its initialisation, or ``init``), so that the next stage starts where it would have."""
-    logger.info("%s: 0 epochs; model.pt is the initial model, untrained", stage)
-    _save_model(core, model_cfg, vocab_size, n_classes, cfg, stage, 0, {}, out_dir)
-    # The stage's other outputs exist as after any run (dvc.yaml declares them): an empty
-    # history, and one log record, which also tells the console that nothing was trained.
-    _write_json(out_dir / HISTORY_FILE, [])
-    log({"epoch": 0}, 0)
-
-
-def _track_best(state, metrics, core, model_cfg, vocab_size, n_classes, cfg, stage, out_dir):
-    if metrics["val_rsum"] > state.best_rsum:
-        state.best_rsum, state.best_epoch, state.bad_evals = metrics["val_rsum"], state.epoch, 0
-        _save_model(
-            core, model_cfg, vocab_size, n_classes, cfg, stage, state.epoch, metrics, out_dir
-        )
-    else:
-        state.bad_evals += 1
-
-
-def _save_model(core, model_cfg, vocab_size, n_classes, cfg, stage, epoch, metrics, out_dir):
-    save_atomic(
-        model_record(
-            core,
-            model_cfg,
-            vocab_size,
-            n_classes,
-            stage=stage,
-            epoch=epoch,
-            train_config=config_to_dict(cfg),
-            metrics=reproducible_metrics(metrics),
-        ),
-        out_dir / MODEL_FILE,
-    )
 
 
 #: Wall-clock measurements: they differ between identical runs.
