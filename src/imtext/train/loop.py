@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -73,6 +73,9 @@ from imtext.train.schedule import (
     set_lr,
 )
 from imtext.train.scoring import retrieval_inputs
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 Log = Callable[[dict[str, float], int], None]
 logger = logging.getLogger("imtext.train")
@@ -201,7 +204,7 @@ def _timed(loader: DataLoader, stats: EpochStats) -> Iterator[dict[str, torch.Te
 
 
 def train_one_epoch(
-    run: StageRun, loader: DataLoader, rng: np.random.Generator, state: RunState, bar: Any
+    run: StageRun, loader: DataLoader, rng: np.random.Generator, state: RunState, bar: tqdm
 ) -> dict[str, float]:
     """One pass over ``loader``, a step per batch; returns the epoch's means and throughput."""
     run.model.train()
@@ -215,10 +218,9 @@ def train_one_epoch(
         state.step += 1
         if state.step % LOG_EVERY == 0:
             run.log({f"step_{k}": v for k, v in values.items()}, state.step)
-        if bar is not None:
-            elapsed = time.perf_counter() - start
-            bar.set_postfix(loss=f"{values['loss']:.3f}", img_s=f"{stats.samples / elapsed:.0f}")
-            bar.update(1)
+        elapsed = time.perf_counter() - start
+        bar.set_postfix(loss=f"{values['loss']:.3f}", img_s=f"{stats.samples / elapsed:.0f}")
+        bar.update(1)
     stats.seconds = time.perf_counter() - start
     return stats.summary()
 
@@ -365,17 +367,18 @@ def _train_stage(run: StageRun, resume: bool, progress: bool) -> dict[str, float
 
 def _training_data(prepared: Path, cfg: TrainConfig, info: distributed.Dist) -> TrainingData:
     train = PreparedSplit.load(prepared, "train")
-    if train.n_images < cfg.batch_size * info.world_size:
-        raise DataError(
-            f"{prepared}: {train.n_images} training images are fewer than one batch "
-            f"({cfg.batch_size} x {info.world_size} processes); lower batch_size"
-        )
-    return TrainingData(
+    data = TrainingData(
         train,
         PreparedSplit.load(prepared, "val"),
         list(read_vocabulary(prepared).words),
         int(train.image_labels.max()) + 1 if train.n_images else 0,
     )
+    if train.n_images < cfg.batch_size * info.world_size:
+        raise DataError(
+            f"{prepared}: {train.n_images} training images are fewer than one batch "
+            f"({cfg.batch_size} x {info.world_size} processes); lower batch_size"
+        )
+    return data
 
 
 def _start_run(
@@ -414,7 +417,7 @@ def _resumed_state(run: StageRun, resume: bool) -> RunState:
     if not path.exists():
         if resume and run.info.is_main:
             logger.info(
-                "%s: no checkpoint in %s; starting from the beginning", run.stage, path.parent
+                "%s: no checkpoint in %s; starting from the beginning", run.stage, run.out_dir
             )
         return RunState()
     if not resume:

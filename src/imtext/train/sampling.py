@@ -5,7 +5,7 @@ the anchor images and takes the best-scoring one per anchor as its negative text
 image in the batch are excluded, so a "negative" is never a caption of a batch image (nor, with
 identity labels, of the same person).
 
-Also the batch samplers of the two-branch networks (seed 003): :func:`neighbourhood_batches` (several
+Also the batch samplers of the two-branch networks: :func:`neighbourhood_batches` (several
 sentences of each image in a batch, for the neighbourhood constraint) and
 :func:`sample_negative_pairs` (the similarity network's negative pairs). All are pure functions of
 numpy arrays and a seeded ``np.random.Generator``.
@@ -51,7 +51,7 @@ def sample_candidates(
 
 
 class NeighbourhoodBatch(NamedTuple):
-    """One neighbourhood-sampled batch (seed 003): several sentences of each of its images.
+    """One neighbourhood-sampled batch (two-branch embedding network): several sentences of each of its images.
 
     ``images`` (B,) int64 image rows, all distinct; ``captions`` (T,) int64 caption indices,
     grouped by image in the order of ``images``; ``caption_slot`` (T,) int64 the position in
