@@ -219,7 +219,7 @@ def run_finetune_job(
     """
     import os
 
-    from imtext.orchestrate import RUN_ID_ENV, WORKSPACE_ENV, hand_on, step_workdir
+    from imtext.pipeline_steps import RUN_ID_ENV, WORKSPACE_ENV, hand_on, step_workdir
 
     env = os.environ if env is None else env
     if not env.get(WORKSPACE_ENV):

@@ -40,9 +40,9 @@ def log_ablation(
     log: Callable[[str], None] = no_log,
 ) -> str:
     """Log the ablation (``configurations``: name and overrides; ``rows``: one per configuration
-    and seed, as :func:`imtext.ablate.run_ablation` returns them; ``summary``: its
-    :func:`~imtext.ablate.summarise`) to experiment ``cfg.experiment``; returns the parent run's
-    id."""
+    and seed, as :func:`imtext.cli.ablation.run_ablation` returns them; ``summary``: its
+    :func:`~imtext.cli.ablation.summarise`) to experiment ``cfg.experiment``; returns the parent
+    run's id."""
     uri = resolve_tracking_uri(cfg, tracking_uri)
     server = connect(uri, cfg, log)
     overrides = dict(configurations)

@@ -1,5 +1,5 @@
-"""``imtext ablate``: train a list of configurations on the same prepared data, over several seeds,
-evaluate each on the test split, and write one table.
+"""The ablation ``imtext ablate`` runs: train a list of configurations on the same prepared data,
+over several seeds, evaluate each on the test split, and write one table.
 
 A configuration is a name, the training stages it runs (``pretrain`` and/or ``finetune``, in that
 order, each starting from the previous one's ``model.pt``) and ``section.key=value`` overrides of
@@ -12,9 +12,9 @@ and sample standard deviation over the seeds (the CSV also every seed's row), pl
 the configurations file asks for: the mean per-seed difference of rsum between two configurations
 (the seeds pair them: same data order and initialisation) with its standard deviation.
 
-The module writes files and calls ``log(message)``; MLflow logging is the caller's (the CLI's,
-through :func:`imtext.registry.ablation.log_ablation`: a parent run, one nested run per
-configuration and seed).
+The module writes files and calls ``log(message)``; MLflow logging is the caller's
+(:mod:`imtext.cli.ablate`, through :func:`imtext.registry.ablation.log_ablation`: a parent run, one
+nested run per configuration and seed).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import yaml
 from imtext.config import apply_overrides, check_method, stage_config_from_params
 from imtext.errors import ConfigError
 from imtext.eval.evaluate import evaluate
+from imtext.metrics_log import jsonl_metrics_log
 from imtext.train.loop import train_stage
 
 STAGES = ("pretrain", "finetune")
@@ -185,7 +186,7 @@ def run_one(
             log(f"ablate: {config.name} seed {seed}: {stage}")
             train_stage(
                 stage, model_cfg, cfg, prepared, out, init=init, resume=True, device=device,
-                log=_jsonl(out / "log.jsonl", stage), progress=False,
+                log=jsonl_metrics_log(out / "log.jsonl", stage), progress=False,
             )  # fmt: skip
         best_epochs[stage] = json.loads((out / "metrics.json").read_text())["best_epoch"]
         init = out / "model.pt"
@@ -203,15 +204,6 @@ def run_one(
     }
     result_path.write_text(json.dumps(result, indent=1) + "\n")
     return result
-
-
-def _jsonl(path: Path, stage: str) -> Callable[[dict[str, float], int], None]:
-    def log(metrics: dict[str, float], step: int) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a", encoding="utf-8") as file:
-            file.write(json.dumps({"stage": stage, "step": step, **metrics}) + "\n")
-
-    return log
 
 
 def run_ablation(
