@@ -54,6 +54,7 @@ TEST_WORKERS ?= 3
 test: install browser
 	ruff check src tests bench components pipelines k8s
 	ruff format --check src tests bench components pipelines k8s
+	lint-imports
 	pytest -n $(TEST_WORKERS) --dist worksteal --durations=15
 
 # Chromium and its driver for the browser test (tests/browser): installed with apt-get when missing
