@@ -17,7 +17,7 @@ def add_serving_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_ui(sub: argparse._SubParsersAction) -> None:
-    from imtext.ui import DEFAULT_PORT
+    from imtext.mlflow_ui import DEFAULT_PORT
 
     p = sub.add_parser(
         "ui",
