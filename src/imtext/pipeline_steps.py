@@ -13,7 +13,11 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from imtext._process import skip_final_collection
 from imtext.errors import ConfigError, ImtextError
+
+# Each step is one process, whose exit would otherwise walk the whole torch/MLflow heap.
+skip_final_collection()
 
 
 def step_params(params: str, overrides: list[str], model_name: str = "") -> dict[str, Any]:
