@@ -52,15 +52,12 @@ from imtext.config import ExportConfig, load_stage_config
 from imtext.data.store import VOCAB_FILE as PREPARED_VOCAB_FILE
 from imtext.data.store import PreparedSplit
 from imtext.eval.metrics import retrieval_metrics
-from imtext.export.exporter import (
+from imtext.export.onnx import (
     ImageEncoder,
     TextEncoder,
     calibration_inputs,
-    image_batches,
-    load_inputs,
     quantize_dynamic_encoder,
     quantize_static_encoder,
-    verify,
     write_encoders,
 )
 from imtext.export.runtime import (
@@ -74,6 +71,8 @@ from imtext.export.runtime import (
     make_session,
     run_encoder,
 )
+from imtext.export.stage import load_inputs
+from imtext.export.verify import image_batches, verify
 from imtext.train.checkpoint import load_model
 
 REPO = Path(__file__).resolve().parents[1]
