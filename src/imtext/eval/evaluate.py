@@ -37,6 +37,7 @@ from imtext import __version__
 from imtext._fs import atomic_directory, check_output_dir
 from imtext.config import EvaluateConfig, config_to_dict
 from imtext.data.store import PreparedSplit, arrays_file, read_meta, read_vocabulary
+from imtext.device import resolve_device
 from imtext.errors import ConfigError, DataError, ImtextError
 from imtext.eval.metrics import per_query_ranks, recall_curve
 from imtext.eval.protocols import COCO_1K_FOLD_IMAGES, COCO_1K_FOLDS, evaluate_protocol
@@ -54,7 +55,6 @@ from imtext.eval.report import (
 )
 from imtext.models.dual_path import DualPathModel
 from imtext.train.checkpoint import load_model
-from imtext.train.distributed import resolve_device
 from imtext.train.scoring import retrieval_inputs
 
 __all__ = [
