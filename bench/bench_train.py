@@ -23,7 +23,7 @@ from torch.profiler import ProfilerActivity, profile
 from imtext.config import load_stage_config
 from imtext.data.datasets import InstanceTrainDataset, train_transform
 from imtext.data.store import PreparedSplit, read_vocabulary
-from imtext.models.dual_path import build_model
+from imtext.models import build_model
 from imtext.train.loop import Batch, autocast_for, step_losses, train_stage
 from imtext.train.schedule import build_optimizer, parameter_groups
 

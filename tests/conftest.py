@@ -201,8 +201,8 @@ def tiny_model_file(tiny_prepared: Path, tmp_path_factory) -> Path:
 
     from imtext.config import ModelConfig, config_from_dict
     from imtext.data.store import PreparedSplit, read_vocabulary
-    from imtext.models.dual_path import build_model
-    from imtext.train.checkpoint import model_record, save_atomic
+    from imtext.models import build_model
+    from imtext.models.files import model_record, save_atomic
 
     cfg = config_from_dict(ModelConfig, dict(TINY_MODEL), "TINY_MODEL")
     vocab_size = len(read_vocabulary(tiny_prepared))

@@ -22,7 +22,7 @@ from imtext.export import verify
 from imtext.export.onnx import TextEncoder, evenly_spaced, export_onnx, quantize_dynamic_encoder
 from imtext.export.runtime import InputError, OnnxEncoders
 from imtext.export.stage import export
-from imtext.train.checkpoint import load_model
+from imtext.models.files import load_model
 
 CFG = ExportConfig(
     exporter="torchscript",
@@ -249,8 +249,8 @@ def similarity_model_file(tiny_prepared: Path, tmp_path_factory) -> Path:
     """An untrained similarity network (a fixed seed) on the tiny data: its scores are not dot
     products of anything, which is what the export must preserve."""
     from imtext.config import ModelConfig
-    from imtext.models.dual_path import build_model
-    from imtext.train.checkpoint import model_record, save_atomic
+    from imtext.models import build_model
+    from imtext.models.files import model_record, save_atomic
     from tests.conftest import TINY_MODEL
 
     torch.manual_seed(0)
@@ -264,7 +264,7 @@ def similarity_model_file(tiny_prepared: Path, tmp_path_factory) -> Path:
 def test_the_similarity_network_exports_codes_and_its_pair_scorer(
     similarity_model_file, tiny_prepared, test_split, tmp_path
 ):
-    from imtext.train.scoring import score_split
+    from imtext.eval.embed import score_split
 
     cfg = dataclasses.replace(CFG, quantize="none")
     out = tmp_path / "export"
@@ -317,8 +317,8 @@ def test_an_embedding_export_scores_pairs_by_dot_product(exported, test_split):
 def gru_model_file(tiny_prepared: Path, tmp_path_factory) -> Path:
     """An untrained model with VSE++'s GRU text encoder and pre-ReLU embeddings (a fixed seed)."""
     from imtext.config import ModelConfig
-    from imtext.models.dual_path import build_model
-    from imtext.train.checkpoint import model_record, save_atomic
+    from imtext.models import build_model
+    from imtext.models.files import model_record, save_atomic
     from tests.conftest import TINY_MODEL
 
     torch.manual_seed(0)

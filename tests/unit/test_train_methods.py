@@ -21,12 +21,14 @@ from imtext.config import (
 )
 from imtext.data.store import PreparedSplit
 from imtext.errors import ConfigError
+from imtext.eval.embed import retrieval_inputs, score_split
 from imtext.eval.metrics import reference_ranks, retrieval_metrics
-from imtext.losses import LogitScale
-from imtext.models.dual_path import DualPathModel, DualPathOutput, MethodOutput, build_model
+from imtext.models import build_model
+from imtext.models.dual_path import DualPathModel, DualPathOutput, MethodOutput
+from imtext.models.files import load_model, model_record, save_atomic
+from imtext.models.logit_scale import LogitScale
 from imtext.models.methods import NoEmbeddingError, SimilarityModel, TwoBranchModel
 from imtext.train import distributed
-from imtext.train.checkpoint import load_model, model_record, save_atomic
 from imtext.train.loop import _initial_model, _loader, step_losses
 from imtext.train.methods import (
     Batch,
@@ -35,7 +37,6 @@ from imtext.train.methods import (
     reversal_coefficient,
     with_negative_pairs,
 )
-from imtext.train.scoring import retrieval_inputs, score_split
 from tests.conftest import REPO, TINY_MODEL
 
 PARAMS = read_params(REPO / "params.yaml")

@@ -39,6 +39,7 @@ from imtext.config import EvaluateConfig, config_to_dict
 from imtext.data.store import PreparedSplit, arrays_file, read_meta, read_vocabulary
 from imtext.device import resolve_device
 from imtext.errors import ConfigError, DataError, ImtextError
+from imtext.eval.embed import retrieval_inputs
 from imtext.eval.metrics import per_query_ranks, recall_curve
 from imtext.eval.protocols import COCO_1K_FOLD_IMAGES, COCO_1K_FOLDS, evaluate_protocol
 from imtext.eval.report import (
@@ -54,8 +55,7 @@ from imtext.eval.report import (
     top_k_matches,
 )
 from imtext.models.dual_path import DualPathModel
-from imtext.train.checkpoint import load_model
-from imtext.train.scoring import retrieval_inputs
+from imtext.models.files import load_model
 
 __all__ = [
     "build_examples",
@@ -124,7 +124,7 @@ def evaluate(
     next(phases)
     image_size = int(record["model_config"]["image_size"])
     # Embeddings, or for the similarity network the scores of every pair as (S, I): the ranking
-    # and the report below only ever multiply the two (imtext.train.scoring).
+    # and the report below only ever multiply the two (imtext.eval.embed).
     images, texts = retrieval_inputs(
         model, split, image_size, torch_device, cfg.batch_size, 4 * cfg.batch_size,
         cfg.flip_average, cfg.shift_average,

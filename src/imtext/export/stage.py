@@ -34,7 +34,7 @@ from imtext.export.onnx import write_export
 from imtext.export.runtime import PARITY_FILE
 from imtext.export.verify import Log, flat_metrics, log_summary, verify
 from imtext.models.dual_path import DualPathModel
-from imtext.train.checkpoint import load_model
+from imtext.models.files import load_model
 
 __all__ = ["export", "load_inputs"]
 

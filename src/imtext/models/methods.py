@@ -155,14 +155,3 @@ _NO_EMBEDDING = (
     "`imtext export` writes, with pair_scorer.onnx), or every pair with score_matrix (what "
     "`imtext evaluate` does)"
 )
-
-METHOD_MODELS: dict[str, type[DualPathModel]] = {
-    "dual_path": DualPathModel,
-    "two_branch": TwoBranchModel,
-    "similarity": SimilarityModel,
-}
-
-
-def build_method_model(cfg: ModelConfig, vocab_size: int, n_classes: int) -> DualPathModel:
-    """The model class of ``cfg.method``, built."""
-    return METHOD_MODELS[cfg.method](cfg, vocab_size, n_classes)

@@ -39,28 +39,22 @@ from imtext.data.datasets import InstanceTrainDataset, train_transform
 from imtext.data.store import PreparedSplit, read_vocabulary
 from imtext.data.text import random_shift
 from imtext.errors import ConfigError, DataError, ImtextError
+from imtext.eval.embed import retrieval_inputs
 from imtext.eval.metrics import retrieval_metrics
 from imtext.losses import (
-    LogitScale,
     dual_path_loss,
     hardest_negative_indices,
     instance_loss,
     modality_loss,
     paired_ranking_loss,
 )
-from imtext.models.dual_path import DualPathModel, build_model
+from imtext.models import build_model
+from imtext.models.dual_path import DualPathModel
+from imtext.models.files import MODEL_FILE, load_file, load_model, model_record, save_atomic
+from imtext.models.logit_scale import LogitScale
 from imtext.models.word2vec import init_word_embedding, read_word_vectors
 from imtext.train import distributed
-from imtext.train.checkpoint import (
-    CHECKPOINT_FILE,
-    MODEL_FILE,
-    load_file,
-    load_model,
-    model_record,
-    rng_state,
-    save_atomic,
-    set_rng_state,
-)
+from imtext.train.checkpoint import CHECKPOINT_FILE, rng_state, set_rng_state
 from imtext.train.methods import (
     Batch,
     NeighbourhoodDataset,
@@ -79,7 +73,6 @@ from imtext.train.schedule import (
     set_epoch_lr,
     set_lr,
 )
-from imtext.train.scoring import retrieval_inputs
 
 Log = Callable[[dict[str, float], int], None]
 logger = logging.getLogger("imtext.train")
@@ -349,7 +342,7 @@ def validate(
     shift_average: bool = False,
 ) -> dict[str, float]:
     """Recall on ``split`` (the whole split as one gallery), by embeddings or, for the similarity
-    network, by the scores of every pair (``imtext.train.scoring``)."""
+    network, by the scores of every pair (``imtext.eval.embed``)."""
     with record_function("imtext.validate"):
         images, texts = retrieval_inputs(
             core, split, image_size, device, flip_average=flip_average, shift_average=shift_average
