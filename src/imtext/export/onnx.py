@@ -104,7 +104,7 @@ CALIBRATION_BATCH = 32
 CALIBRATION_SPLIT = "train"
 
 
-def similarity_of(model: DualPathModel) -> str:
+def model_similarity(model: DualPathModel) -> str:
     """``preprocess.json``'s ``similarity``: ``network`` for the similarity network, else ``dot``."""
     return NETWORK if isinstance(model, SimilarityModel) else DOT
 
@@ -434,7 +434,7 @@ def write_encoders(
     image_sample = torch.zeros(2, 3, size, size)
     text_sample = torch.zeros(2, max_len, dtype=torch.int64)
     embed_dim = embedding_dim(model, image_sample, text_sample)
-    similarity = similarity_of(model)
+    similarity = model_similarity(model)
     common = {
         "imtext.version": __version__,
         "imtext.format_version": str(FORMAT_VERSION),

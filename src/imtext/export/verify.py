@@ -33,7 +33,7 @@ from imtext.config import ExportConfig, config_to_dict
 from imtext.data.datasets import eval_transform
 from imtext.data.store import PreparedSplit
 from imtext.eval.metrics import retrieval_metrics
-from imtext.export.onnx import ImageEncoder, PairScorer, TextEncoder, similarity_of
+from imtext.export.onnx import ImageEncoder, PairScorer, TextEncoder, model_similarity
 from imtext.export.runtime import CPU, CUDA, FORMAT_VERSION, NETWORK, PAIR_SCORER, OnnxEncoders
 from imtext.models.dual_path import DualPathModel
 from imtext.models.methods import SimilarityModel
@@ -434,7 +434,7 @@ def verify(
         else Scoring()
     )
     context = {
-        "similarity": similarity_of(model),
+        "similarity": model_similarity(model),
         "format_version": FORMAT_VERSION,
         "exporter": f"torch.onnx.export(dynamo={cfg.exporter == 'dynamo'}), torch "
         f"{torch.__version__}",

@@ -157,12 +157,12 @@ def judge(server: Server, cfg: RegisterConfig, version: str, *, forced: bool) ->
         else None
     )
     previous = str(champion.version) if champion is not None else None
-    if champion is not None and similarity_of(candidate) != similarity_of(champion):
+    if champion is not None and version_similarity(candidate) != version_similarity(champion):
         return incompatible(cfg, candidate, champion, candidate_metric, champion_metric)
     return decide(cfg, version, previous, candidate_metric, champion_metric)
 
 
-def similarity_of(version: Any) -> str:
+def version_similarity(version: Any) -> str:
     """How a version scores a pair (tag ``imtext.similarity``); versions registered before the
     tag existed are embedding models (``dot``)."""
     return (version.tags or {}).get(TAG_SIMILARITY, "dot")
@@ -177,7 +177,7 @@ def incompatible(
 ) -> PromotionDecision:
     """The refusal of a candidate whose scoring differs from the champion's."""
     answers = {"dot": "embeddings (dot-product scores)", "network": "pair scores only"}
-    new, old = similarity_of(candidate), similarity_of(champion)
+    new, old = version_similarity(candidate), version_similarity(champion)
     reason = (
         f"version {candidate.version} scores with {new!r} ({answers.get(new, new)}) but champion "
         f"version {champion.version} with {old!r} ({answers.get(old, old)}): clients of alias "
