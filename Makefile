@@ -54,7 +54,7 @@ TEST_WORKERS ?= 3
 # The tests' temporary files (pytest's tmp_path and TMPDIR: SQLite stores, DVC caches, KFP runs,
 # checkpoints) go to a fresh directory in memory (/dev/shm) when it has TEST_SHM_GB free: every
 # SQLite migration and checkpoint is fsync'ed, and a new MLflow store took 8.2 s on this disk
-# against 1.4 s in memory. Passing tests' directories go at their teardown (pyproject.toml); a
+# against 1.4 s in memory. Passing tests' directories go at their teardown (tests/conftest.py); a
 # failed run keeps the directory and names it.
 TEST_SHM_GB ?= 6
 test: install browser
