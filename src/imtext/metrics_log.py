@@ -8,13 +8,12 @@ with :func:`jsonl_metrics_log`; :mod:`imtext.console` and :func:`imtext.pytorchj
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 
+from imtext.logs import MessageLog, MetricsLog
 
-def jsonl_metrics_log(
-    path: Path, stage: str, *, echo: Callable[[str], None] | None = None
-) -> Callable[[dict[str, float], int], None]:
+
+def jsonl_metrics_log(path: Path, stage: str, *, echo: MessageLog | None = None) -> MetricsLog:
     """The ``log`` callable of ``train_stage`` that appends each record to ``path`` (and passes
     its line to ``echo`` first, when given)."""
 

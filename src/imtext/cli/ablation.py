@@ -24,7 +24,7 @@ import io
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ import yaml
 from imtext.config import apply_overrides, check_method, stage_config_from_params
 from imtext.errors import ConfigError
 from imtext.eval.evaluate import evaluate
+from imtext.logs import MessageLog
 from imtext.metrics_log import jsonl_metrics_log
 from imtext.train.loop import train_stage
 
@@ -42,8 +43,6 @@ METRICS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
 RESULT_FILE = "result.json"
 TABLE_MD = "ablation.md"
 TABLE_CSV = "ablation.csv"
-
-Log = Callable[[str], None]
 
 
 def _no_log(message: str) -> None:
@@ -165,7 +164,7 @@ def run_one(
     run_dir: Path,
     *,
     device: str = "auto",
-    log: Log = _no_log,
+    log: MessageLog = _no_log,
 ) -> dict[str, Any]:
     """Train and evaluate one (configuration, seed) into ``run_dir``; returns its result row.
 
@@ -215,7 +214,7 @@ def run_ablation(
     *,
     table_dir: Path | None = None,
     device: str = "auto",
-    log: Log = _no_log,
+    log: MessageLog = _no_log,
 ) -> list[dict[str, Any]]:
     """Every (configuration, seed), configurations outermost; then the tables. Returns the rows."""
     if not seeds or len(set(seeds)) != len(seeds):

@@ -33,11 +33,11 @@ from imtext.data.readers import (
 from imtext.data.store import META_FILE, VOCAB_FILE, ImageBlobWriter, write_split_arrays
 from imtext.data.text import UNK_ID, Vocabulary, build_vocabulary, encode_all, tokenize
 from imtext.errors import DataError, printable
+from imtext.logs import MessageLog
 
 #: Caption length used when ``prepare.max_len`` is null, as in the Dual-Path paper.
 DEFAULT_MAX_LEN = {"karpathy": 32, "cuhk-pedes": 56}
 
-Log = Callable[[str], None]
 Progress = Callable[[Iterable, int, str], Iterable]
 
 
@@ -64,7 +64,7 @@ def encode_image(path: Path | BinaryIO, short_side: int, image_format: str) -> b
 
 
 def locate_images(
-    records: Sequence[ImageRecord], images_dir: Path, skip_bad: bool, report: Log
+    records: Sequence[ImageRecord], images_dir: Path, skip_bad: bool, report: MessageLog
 ) -> dict[ImageRecord, Path]:
     """The file of each usable record, below ``images_dir``; a record whose image path leads out
     of it or names no file stops the run, or with ``skip_bad`` is left out and reported."""
@@ -134,7 +134,7 @@ def _write_images(
     cfg: PrepareConfig,
     writer: ImageBlobWriter,
     skip_bad: bool,
-    report: Log,
+    report: MessageLog,
     progress: Progress,
 ) -> list[ImageRecord]:
     """Check, re-encode and append every image to its split's blob; return the records kept."""
@@ -163,7 +163,7 @@ def _write_images(
 
 
 def records_by_split(
-    records: Sequence[ImageRecord], annotations: Path, log: Log
+    records: Sequence[ImageRecord], annotations: Path, log: MessageLog
 ) -> dict[str, list[ImageRecord]]:
     """The records of each split, in order; :class:`DataError` when no training image is left,
     a warning for an empty validation or test split."""
@@ -196,7 +196,7 @@ def prepare(
     out_dir: Path,
     fmt: Format = "karpathy",
     skip_bad: bool = False,
-    log: Log = print,
+    log: MessageLog = print,
     progress: Progress = _no_progress,
     force: bool = False,
 ) -> dict[str, Any]:

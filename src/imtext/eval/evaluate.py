@@ -54,6 +54,7 @@ from imtext.eval.report import (
     thumbnail_png,
     top_k_matches,
 )
+from imtext.logs import MessageLog
 from imtext.models.dual_path import DualPathModel
 from imtext.models.files import load_model
 
@@ -79,7 +80,6 @@ CURVE_MAX_K = 100
 #: Steps reported to ``progress``; embedding dominates the time on real data.
 PHASES = ("load model", "embed images", "embed captions", "rank", "write report")
 
-Log = Callable[[str], None]
 Progress = Callable[[Iterable, int, str], Iterable]
 
 
@@ -98,7 +98,7 @@ def evaluate(
     out_dir: Path,
     *,
     device: str = "auto",
-    log: Log = _no_log,
+    log: MessageLog = _no_log,
     progress: Progress | None = None,
     force: bool = False,
 ) -> dict[str, float]:

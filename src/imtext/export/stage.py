@@ -32,7 +32,8 @@ from imtext.data.store import PreparedSplit, read_vocabulary
 from imtext.errors import DataError, ImtextError
 from imtext.export.onnx import write_export
 from imtext.export.runtime import PARITY_FILE
-from imtext.export.verify import Log, flat_metrics, log_summary, verify
+from imtext.export.verify import flat_metrics, log_summary, verify
+from imtext.logs import MessageLog
 from imtext.models.dual_path import DualPathModel
 from imtext.models.files import load_model
 
@@ -73,7 +74,7 @@ def export(
     prepared: Path,
     out_dir: Path,
     *,
-    log: Log = _no_log,
+    log: MessageLog = _no_log,
     force: bool = False,
 ) -> dict[str, float]:
     """Run the export stage: ONNX encoders of ``model_path`` into ``out_dir``, verified on the

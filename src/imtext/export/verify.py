@@ -35,6 +35,7 @@ from imtext.data.store import PreparedSplit
 from imtext.eval.metrics import retrieval_metrics
 from imtext.export.onnx import ImageEncoder, PairScorer, TextEncoder, model_similarity
 from imtext.export.runtime import CPU, CUDA, FORMAT_VERSION, NETWORK, PAIR_SCORER, OnnxEncoders
+from imtext.logs import MessageLog
 from imtext.models.dual_path import DualPathModel
 from imtext.models.methods import SimilarityModel
 
@@ -47,7 +48,6 @@ SINGLE_ITEMS = 4
 #: Pairs per PyTorch call of the pair scorer in the checks.
 PAIR_BLOCK = 32768
 
-Log = Callable[[str], None]
 Runner = Callable[[np.ndarray], np.ndarray]
 #: Image codes (N_img, D) and text codes (N_txt, D) -> scores (N_img, N_txt).
 MatrixScorer = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -449,7 +449,7 @@ def verify(
     return {"passed": not failures, "failures": failures, **report}
 
 
-def log_summary(report: dict[str, Any], log: Log) -> None:
+def log_summary(report: dict[str, Any], log: MessageLog) -> None:
     parity, recall = report["parity"], report["recall"]
     log(
         f"export: max |ONNX - PyTorch| image {parity['image']['max_abs_diff']:.2g}, text "

@@ -6,8 +6,8 @@ pull an image and its captions towards one class vector.
 
 Two optional parts serve the other methods and are absent (no parameters, no random draws, the
 plain :class:`DualPathOutput`) by default: a modality discriminator on the embeddings
-(``model.discriminator_dims``, seed 002) and a learned InfoNCE temperature (``logit_scale``, which
-the training loop attaches). The two-branch models of seed 003 extend this class
+(``model.discriminator_dims``, the modality-invariant embedding) and a learned InfoNCE temperature (``logit_scale``, which
+the training loop attaches). Wang et al.'s two-branch models extend this class
 (``imtext.models.methods``), and ``imtext.models.build_model`` builds whichever ``model.method``
 names.
 """

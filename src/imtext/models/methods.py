@@ -1,4 +1,4 @@
-"""The two-branch networks of seed 003 on top of the dual-path encoders (``model.method``).
+"""Wang et al.'s two-branch networks (TPAMI 2019) on top of the dual-path encoders (``model.method``).
 
 The official two-branch networks read precomputed features (VGG-19 fc7, HGLMM Fisher vectors;
 METHODS.md section 3). Here their branches read the dual-path encoders' outputs: the image ResNet +

@@ -9,13 +9,14 @@ holds the configurations, the seeds, each configuration's mean and standard devi
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import mlflow
 
 from imtext.config import RegisterConfig
+from imtext.logs import MessageLog
 from imtext.registry.retry import no_log, retry_settings, translated
 from imtext.registry.runs import (
     connect,
@@ -37,7 +38,7 @@ def log_ablation(
     metrics: Sequence[str],
     tables: Sequence[Path],
     tracking_uri: str | None = None,
-    log: Callable[[str], None] = no_log,
+    log: MessageLog = no_log,
 ) -> str:
     """Log the ablation (``configurations``: name and overrides; ``rows``: one per configuration
     and seed, as :func:`imtext.cli.ablation.run_ablation` returns them; ``summary``: its
