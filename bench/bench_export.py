@@ -52,15 +52,12 @@ from imtext.config import ExportConfig, load_stage_config
 from imtext.data.store import VOCAB_FILE as PREPARED_VOCAB_FILE
 from imtext.data.store import PreparedSplit
 from imtext.eval.metrics import retrieval_metrics
-from imtext.export.exporter import (
+from imtext.export.onnx import (
     ImageEncoder,
     TextEncoder,
     calibration_inputs,
-    image_batches,
-    load_inputs,
     quantize_dynamic_encoder,
     quantize_static_encoder,
-    verify,
     write_encoders,
 )
 from imtext.export.runtime import (
@@ -74,7 +71,9 @@ from imtext.export.runtime import (
     make_session,
     run_encoder,
 )
-from imtext.train.checkpoint import load_model
+from imtext.export.stage import load_inputs
+from imtext.export.verify import image_batches, verify
+from imtext.models.files import load_model
 
 REPO = Path(__file__).resolve().parents[1]
 #: CPU flags that ONNX Runtime's INT8 kernels use (``/proc/cpuinfo`` names).
@@ -241,8 +240,8 @@ def measure_variants(
 def smoke_inputs(root: Path, params: Path) -> tuple[Path, Path]:
     """A tiny rendered and prepared dataset and an untrained tiny model file for ``--smoke``."""
     from imtext.data.store import read_vocabulary
-    from imtext.models.dual_path import build_model
-    from imtext.train.checkpoint import model_record, save_atomic
+    from imtext.models import build_model
+    from imtext.models.files import model_record, save_atomic
 
     prepared = smoke_prepared(root, params)
     model_cfg = smoke_model_config(params)

@@ -17,7 +17,7 @@ import torch
 from _tiny import smoke_model_config, smoke_stage_config  # bench/, the script's own directory
 
 from imtext.config import load_stage_config
-from imtext.models.dual_path import build_model
+from imtext.models import build_model
 from imtext.train.loop import cpu_has_bf16
 
 REPO = Path(__file__).resolve().parents[1]

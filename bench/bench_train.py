@@ -23,7 +23,7 @@ from torch.profiler import ProfilerActivity, profile
 from imtext.config import load_stage_config
 from imtext.data.datasets import InstanceTrainDataset, train_transform
 from imtext.data.store import PreparedSplit, read_vocabulary
-from imtext.models.dual_path import build_model
+from imtext.models import build_model
 from imtext.train.batches import Batch
 from imtext.train.loop import autocast_for, train_stage
 from imtext.train.objective import step_losses

@@ -42,7 +42,7 @@ def evaluate(
     from imtext.errors import ConfigError
     from imtext.eval.evaluate import evaluate as evaluate_stage
     from imtext.eval.evaluate import format_recall_table
-    from imtext.orchestrate import log_metrics, step_params
+    from imtext.pipeline_steps import step_params, write_kfp_metrics
 
     values = step_params(params, overrides)
     gate_metric = stage_config_from_params("register", values).gate_metric
@@ -60,7 +60,7 @@ def evaluate(
             f"register.gate_metric: {gate_metric!r} is not a metric of evaluate; "
             f"choose one of {', '.join(sorted(result))}"
         )
-    log_metrics(metrics, result)
+    write_kfp_metrics(metrics, result)
     shutil.copyfile(out / "report.html", report.path)
     table = format_recall_table(result)
     Path(recall_table.path).write_text(table + "\n", encoding="utf-8")

@@ -30,7 +30,7 @@ def export(
 
     from imtext.config import stage_config_from_params
     from imtext.export import export as export_stage
-    from imtext.orchestrate import log_metrics, step_params
+    from imtext.pipeline_steps import step_params, write_kfp_metrics
 
     values = step_params(params, overrides)
     result = export_stage(
@@ -40,4 +40,4 @@ def export(
         Path(onnx.path),
         log=print,
     )
-    log_metrics(metrics, result)
+    write_kfp_metrics(metrics, result)

@@ -46,7 +46,7 @@ def finetune(
     from collections import namedtuple
     from pathlib import Path
 
-    from imtext.orchestrate import log_metrics, step_params, tracked_step, train_step
+    from imtext.pipeline_steps import step_params, tracked_step, train_step, write_kfp_metrics
 
     values = step_params(params, overrides)
     with tracked_step(
@@ -66,6 +66,6 @@ def finetune(
             device=device,
             also_log=run.log,
         )
-    log_metrics(metrics, result)
+    write_kfp_metrics(metrics, result)
     print(f"MLflow run: {run.url}")
     return namedtuple("TrainOutputs", ["mlflow_run_id", "mlflow_run_url"])(run.run_id, run.url)

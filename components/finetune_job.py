@@ -56,7 +56,7 @@ def finetune_job(
     from collections import namedtuple
     from pathlib import Path
 
-    from imtext.orchestrate import log_metrics, step_params, tracked_step
+    from imtext.pipeline_steps import step_params, tracked_step, write_kfp_metrics
     from imtext.pytorchjob import run_finetune_job
 
     values = step_params(params, overrides)
@@ -79,6 +79,6 @@ def finetune_job(
             gpus_per_node=gpus_per_node,
             also_log=run.log,
         )
-    log_metrics(metrics, result)
+    write_kfp_metrics(metrics, result)
     print(f"MLflow run: {run.url}")
     return namedtuple("TrainOutputs", ["mlflow_run_id", "mlflow_run_url"])(run.run_id, run.url)

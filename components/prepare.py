@@ -47,7 +47,7 @@ def prepare(
     from imtext.data.prepare import prepare as prepare_stage
     from imtext.data.remote import fetch, is_s3
     from imtext.errors import DataError
-    from imtext.orchestrate import log_metrics, step_params
+    from imtext.pipeline_steps import step_params, write_kfp_metrics
 
     cfg = stage_config_from_params("prepare", step_params(params, overrides))
     with tempfile.TemporaryDirectory(prefix="imtext-raw-") as scratch:
@@ -71,4 +71,4 @@ def prepare(
     print(f"data {source.uri}: {source.files} files, listing md5 {source.digest}")
     (Path(prepared.path) / SOURCE_FILE).write_text(source.to_json(), encoding="utf-8")
     prepared.metadata.update({"data_uri": data, "data_digest": data_digest})
-    log_metrics(metrics, result)
+    write_kfp_metrics(metrics, result)

@@ -34,7 +34,7 @@ def promote(
     from collections import namedtuple
 
     from imtext.config import stage_config_from_params
-    from imtext.orchestrate import step_params
+    from imtext.pipeline_steps import step_params
     from imtext.registry import promote as promote_stage
 
     values = step_params(params, overrides, model_name)

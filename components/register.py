@@ -43,7 +43,7 @@ def register(
     from pathlib import Path
 
     from imtext.config import stage_config_from_params
-    from imtext.orchestrate import step_params
+    from imtext.pipeline_steps import step_params
     from imtext.registry import preview_promotion
     from imtext.registry import register as register_stage
 

@@ -67,7 +67,7 @@ GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSc
 SHM_SIZE = "8Gi"
 
 #: Training survives a preempted or failed node: a retried step resumes from the checkpoint its
-#: earlier attempt left on the workspace volume (imtext.orchestrate.step_workdir).
+#: earlier attempt left on the workspace volume (imtext.pipeline_steps.step_workdir).
 RETRY_STEPS = ("pretrain", "finetune", "finetune-job")
 RETRIES = 2
 RETRY_BACKOFF = "120s"
@@ -115,7 +115,7 @@ def configure_for_cluster(tasks: dict[str, dsl.PipelineTask]) -> None:
 
 def mount_workspace(task: dsl.PipelineTask) -> None:
     """The workspace volume at WORKSPACE, and the two variables that locate the step's directory
-    on it (``IMTEXT_WORKSPACE``, ``IMTEXT_RUN_ID``: imtext.orchestrate reads them)."""
+    on it (``IMTEXT_WORKSPACE``, ``IMTEXT_RUN_ID``: imtext.pipeline_steps reads them)."""
     kubernetes.mount_pvc(task, pvc_name=WORKSPACE_PVC, mount_path=WORKSPACE)
     task.set_env_variable("IMTEXT_WORKSPACE", WORKSPACE)
     kubernetes.use_field_path_as_env(task, env_name="IMTEXT_RUN_ID", field_path=RUN_ID_FIELD)

@@ -5,7 +5,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
+import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,6 +29,34 @@ def pytest_configure(config):
         os.environ["MKL_NUM_THREADS"] = "1"
         if "torch" in sys.modules:
             sys.modules["torch"].set_num_threads(1)
+
+
+#: Each test's call-phase report, read by ``tmp_path`` at teardown.
+CALL_REPORT = pytest.StashKey[pytest.TestReport]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.when == "call":
+        item.stash[CALL_REPORT] = report
+    return report
+
+
+@pytest.fixture
+def tmp_path(request: pytest.FixtureRequest, tmp_path_factory) -> Iterator[Path]:
+    """pytest's ``tmp_path``, named after the whole test id and removed when the test passed.
+
+    pytest's own cuts names to 30 characters and numbers them from the highest left, so once a
+    passing test's directory is removed its path comes back for another test; MLflow caches a
+    store per URI within a process, and would then read the removed test's SQLite database. A
+    failed test's directory stays, to look at."""
+    name = re.sub(r"\W", "_", request.node.name)[:200]
+    path = tmp_path_factory.mktemp(name, numbered=True)
+    yield path
+    report = request.node.stash.get(CALL_REPORT, None)
+    if report is not None and report.passed:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 DEFAULT_PREPARE = PrepareConfig(
@@ -201,8 +232,8 @@ def tiny_model_file(tiny_prepared: Path, tmp_path_factory) -> Path:
 
     from imtext.config import ModelConfig, config_from_dict
     from imtext.data.store import PreparedSplit, read_vocabulary
-    from imtext.models.dual_path import build_model
-    from imtext.train.checkpoint import model_record, save_atomic
+    from imtext.models import build_model
+    from imtext.models.files import model_record, save_atomic
 
     cfg = config_from_dict(ModelConfig, dict(TINY_MODEL), "TINY_MODEL")
     vocab_size = len(read_vocabulary(tiny_prepared))

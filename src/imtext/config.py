@@ -77,8 +77,8 @@ class ModelConfig:
 
     ``method`` picks what sits on the dual-path encoders (the image ResNet + head and the text CNN
     + head, whose outputs are ``embed_dim`` wide): nothing (``dual_path``, the embeddings are the
-    heads' outputs), the two-branch embedding network (``two_branch``, seed 003) or the two-branch
-    similarity network (``similarity``, seed 003, which scores pairs and has no embedding).
+    heads' outputs), the two-branch embedding network (``two_branch``, Wang et al.) or the two-branch
+    similarity network (``similarity``, Wang et al., which scores pairs and has no embedding).
     """
 
     #: torchvision ResNet of the image branch.
@@ -103,7 +103,7 @@ class ModelConfig:
     text_blocks: list[int]
     #: Whether the shared instance classifier has a bias (paper: yes, except COCO).
     classifier_bias: bool
-    #: ``dual_path`` (the paper's model), ``two_branch`` (the embedding network of seed 003 on the
+    #: ``dual_path`` (the paper's model), ``two_branch`` (Wang et al.'s embedding network on the
     #: heads' outputs) or ``similarity`` (its similarity network: pair scores, no embedding).
     method: Method = "dual_path"
     #: Hidden width of each two-branch branch, ``embed_dim -> branch_hidden -> embed_dim``
@@ -111,13 +111,14 @@ class ModelConfig:
     branch_hidden: int = 512
     #: Hidden layers of the similarity network between the element-wise product and the score.
     fusion_dims: list[int] = dataclasses.field(default_factory=lambda: [256])
-    #: Hidden layers of the modality discriminator on the shared embedding (seed 002);
+    #: Hidden layers of the modality discriminator on the shared embedding (the modality-invariant
+    #: embedding);
     #: ``[]`` builds none.
     discriminator_dims: list[int] = dataclasses.field(default_factory=list)
     #: BatchNorm momentum of the two-branch branches (PyTorch's convention; 0.9 reproduces the
     #: official TF code, METHODS.md section 3.1).
     bn_momentum: float = 0.1
-    # The fields below came with the recipe that learns (issue 13, docs/training.md); their
+    # The fields below came with the recipe that learns the built-in task (docs/training.md); their
     # defaults rebuild the models written before them.
     #: The image ResNet's stem: torchvision's (``standard``), without its max-pool
     #: (``no_maxpool``), or a 3x3 stride-1 first conv without max-pool (``cifar``).
@@ -233,7 +234,7 @@ class TrainConfig:
     #: Mixed precision of the forward pass: ``bf16``/``fp16`` on CUDA, ``bf16`` also on a CPU
     #: with native bf16 (AVX512-BF16 or AMX; others run fp32), ``fp32`` everywhere.
     precision: Precision
-    # The fields below serve the other methods (issue 6); their defaults leave the dual-path
+    # The fields below serve the methods beside the dual-path one; their defaults leave the dual-path
     # training exactly as it was, and files written before they existed read as those defaults.
     #: ``topk``: violations kept per anchor (official: 10).
     top_k: int = 10
@@ -247,7 +248,7 @@ class TrainConfig:
     sentences_per_image: int = 1
     #: ``logistic``: negative pairs sampled in the batch for each positive pair.
     negatives_per_positive: int = 3
-    #: Weight of the modality-adversarial loss (seed 002; needs ``model.discriminator_dims``);
+    #: Weight of the modality-adversarial loss (the modality-invariant embedding; needs ``model.discriminator_dims``);
     #: 0 switches it off.
     adversarial_weight: float = 0.0
     #: Largest gradient-reversal coefficient; it ramps up from 0 after the warm-up epochs.
@@ -257,7 +258,7 @@ class TrainConfig:
     adversarial_warmup_epochs: int = 0
     #: ``infonce``: the learned temperature's starting value (CLIP: 0.07).
     init_temperature: float = 0.07
-    # The fields below came with the recipe that learns (issue 13); their defaults are the
+    # The fields below came with the recipe that learns the built-in task; their defaults are the
     # schedule every earlier run used.
     #: ``step``: ``lr`` times ``lr_gamma`` at each of ``lr_milestones``, set per epoch; ``cosine``:
     #: per step, a linear warm-up to ``lr`` over ``warmup_epochs``, then a cosine to 0 at the end.

@@ -4,7 +4,7 @@ progress per epoch, and at the end the results and what to try next.
 :class:`Console` receives the events of a captured local run (``pipelines/step_logs.py``: each
 step's full log is in a file; the console is told of every line and reads only a few):
 
-- from ``pretrain`` and ``finetune``, the JSON records :func:`imtext.orchestrate.train_step`
+- from ``pretrain`` and ``finetune``, the JSON records :func:`imtext.pipeline_steps.train_step`
   prints (one per logged step, one per epoch) and the training loop's "N steps per epoch" line;
 - when a step fails, the last lines of its log file.
 

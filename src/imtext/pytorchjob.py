@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from imtext.errors import ImtextError
+from imtext.logs import MessageLog
 
 GROUP, VERSION, PLURAL = "kubeflow.org", "v1", "pytorchjobs"
 #: The namespace of the pod this runs in (Kubernetes mounts it with the service account token).
@@ -32,8 +33,6 @@ GPU_NODE_SELECTOR = {"nvidia.com/gpu.present": "true"}
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
 #: The volume of the template that holds the workspace (a ReadWriteMany PVC).
 WORKSPACE_VOLUME = "workspace"
-
-Log = Callable[[str], None]
 
 
 def job_name(run_id: str, stage: str = "finetune") -> str:
@@ -112,7 +111,7 @@ def run_job(
     job: Mapping[str, Any],
     *,
     poll_s: float = 15.0,
-    log: Log = print,
+    log: MessageLog = print,
     sleep: Callable[[float], None] = time.sleep,
 ) -> dict[str, Any]:
     """Create ``job`` with ``api`` (a ``kubernetes.client.CustomObjectsApi``) unless it exists,
@@ -208,7 +207,7 @@ def run_finetune_job(
     env: Mapping[str, str] | None = None,
     api: Any = None,
     namespace: str | None = None,
-    log: Log = print,
+    log: MessageLog = print,
     also_log: Callable[[dict[str, float], int], None] | None = None,
 ) -> dict[str, float]:
     """The ``finetune-job`` pipeline step: stage, run the PyTorchJob, hand on its outputs.
@@ -219,7 +218,7 @@ def run_finetune_job(
     """
     import os
 
-    from imtext.orchestrate import RUN_ID_ENV, WORKSPACE_ENV, hand_on, step_workdir
+    from imtext.pipeline_steps import RUN_ID_ENV, WORKSPACE_ENV, hand_on, step_workdir
 
     env = os.environ if env is None else env
     if not env.get(WORKSPACE_ENV):

@@ -15,9 +15,8 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from imtext.errors import ImtextError
+from imtext.mlflow_ui import DEFAULT_PORT, HOST, run_url
 
-HOST = "127.0.0.1"
-DEFAULT_PORT = 5000
 #: What ``make ui`` runs: ``imtext ui`` on the default store of ``make run``.
 MAKE_UI = "make ui"
 
@@ -52,11 +51,6 @@ def ui_command(tracking_uri: str) -> str | None:
     if sqlite_path(tracking_uri) is not None:
         return f"imtext ui --tracking-uri {tracking_uri}"
     return None
-
-
-def run_url(base_url: str, experiment_id: str, run_id: str) -> str:
-    """The page of a run in MLflow's UI."""
-    return f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
 def latest_run_url(tracking_uri: str, base_url: str) -> str | None:

@@ -11,9 +11,9 @@ import boto3
 import pytest
 import yaml
 
+from imtext.cli.pipeline import add_pipeline_parser
 from imtext.data.shapes import generate_shapes
 from imtext.errors import ImtextError
-from imtext.orchestrate import add_pipeline_parser
 from tests.conftest import REPO, tiny_params
 
 pytestmark = pytest.mark.slow

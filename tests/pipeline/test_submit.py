@@ -14,8 +14,8 @@ from urllib.parse import parse_qs, urlparse
 import pytest
 import yaml
 
+from imtext.cli.pipeline import TOKEN_ENV, add_pipeline_parser
 from imtext.errors import ImtextError
-from imtext.orchestrate import TOKEN_ENV, add_pipeline_parser
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow

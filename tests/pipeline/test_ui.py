@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from imtext.mlflow_ui import run_url
 from imtext.registry.tracking import local_artifact_root
-from imtext.ui import latest_run_url, run_url
+from imtext.ui import latest_run_url
 from tests.pipeline.conftest import free_port
 
 IMTEXT = str(Path(sys.executable).parent / "imtext")

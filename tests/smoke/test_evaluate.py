@@ -17,6 +17,7 @@ from imtext._fs import MARKER
 from imtext.config import EvaluateConfig
 from imtext.data.store import PreparedSplit
 from imtext.errors import ConfigError, DataError, ImtextError
+from imtext.eval.embed import embed_captions, embed_images
 from imtext.eval.evaluate import (
     PHASES,
     build_examples,
@@ -26,8 +27,7 @@ from imtext.eval.evaluate import (
 )
 from imtext.eval.metrics import per_query_ranks, retrieval_metrics
 from imtext.eval.protocols import evaluate_protocol
-from imtext.train.checkpoint import load_model
-from imtext.train.features import embed_captions, embed_images
+from imtext.models.files import load_model
 
 CFG = EvaluateConfig(
     split="test",

@@ -18,10 +18,11 @@ from imtext.config import ExportConfig
 from imtext.data.datasets import eval_transform
 from imtext.data.store import PreparedSplit, read_vocabulary
 from imtext.errors import ConfigError, ImtextError
-from imtext.export import exporter
-from imtext.export.exporter import TextEncoder, export, export_onnx
+from imtext.export import verify
+from imtext.export.onnx import TextEncoder, evenly_spaced, export_onnx, quantize_dynamic_encoder
 from imtext.export.runtime import InputError, OnnxEncoders
-from imtext.train.checkpoint import load_model
+from imtext.export.stage import export
+from imtext.models.files import load_model
 
 CFG = ExportConfig(
     exporter="torchscript",
@@ -155,13 +156,13 @@ def test_int8_encoders_give_finite_normalised_embeddings(exported, test_split):
 def test_a_failed_parity_check_stops_the_export_and_keeps_only_the_evidence(
     tiny_model_file, tiny_prepared, tmp_path, monkeypatch
 ):
-    real_runner = exporter.torch_runner
+    real_runner = verify.torch_runner
 
     def perturbed_runner(encode):
         run = real_runner(encode)
         return lambda batch: run(batch) + np.float32(1e-3)  # a PyTorch that the ONNX file is not
 
-    monkeypatch.setattr(exporter, "torch_runner", perturbed_runner)
+    monkeypatch.setattr(verify, "torch_runner", perturbed_runner)
     out = tmp_path / "export"
     cfg = dataclasses.replace(CFG, quantize="none")
     with pytest.raises(ImtextError, match=r"image encoder: max \|ONNX Runtime - PyTorch\| 0\.001"):
@@ -178,14 +179,14 @@ def test_a_failed_parity_check_stops_the_export_and_keeps_only_the_evidence(
 def test_a_recall_disagreement_stops_the_export(
     tiny_model_file, tiny_prepared, tmp_path, monkeypatch
 ):
-    real_runner = exporter.torch_runner
+    real_runner = verify.torch_runner
 
     def shuffled_runner(encode):
         run = real_runner(encode)
         # Same vectors, other rows: every embedding still unit length, recall changes.
         return lambda batch: run(batch)[::-1].copy()
 
-    monkeypatch.setattr(exporter, "torch_runner", shuffled_runner)
+    monkeypatch.setattr(verify, "torch_runner", shuffled_runner)
     cfg = dataclasses.replace(CFG, parity_tolerance=10.0, recall_tolerance=0.0, quantize="none")
     with pytest.raises(ImtextError, match="recall: rsum from ONNX embeddings .* differs by"):
         export(cfg, tiny_model_file, tiny_prepared, tmp_path / "export")
@@ -225,14 +226,14 @@ def test_static_int8_is_calibrated_qdq_and_recorded(exported):
 
 
 def test_calibration_rows_are_spread_over_the_split_and_never_repeat():
-    assert exporter.evenly_spaced(3, 10).tolist() == [0, 4, 9]
-    assert exporter.evenly_spaced(20, 5).tolist() == [0, 1, 2, 3, 4]
-    assert exporter.evenly_spaced(1, 7).tolist() == [0]
+    assert evenly_spaced(3, 10).tolist() == [0, 4, 9]
+    assert evenly_spaced(20, 5).tolist() == [0, 1, 2, 3, 4]
+    assert evenly_spaced(1, 7).tolist() == [0]
 
 
 def test_dynamic_int8_quantizes_the_weights_and_each_call(exported, tmp_path):
     out, _ = exported
-    exporter.quantize_dynamic_encoder(out / "image_encoder.onnx", tmp_path / "dynamic.onnx")
+    quantize_dynamic_encoder(out / "image_encoder.onnx", tmp_path / "dynamic.onnx")
     model = onnx.load(str(tmp_path / "dynamic.onnx"))
     ops = {node.op_type for node in model.graph.node}
     assert {"ConvInteger", "DynamicQuantizeLinear"} <= ops and "QuantizeLinear" not in ops
@@ -248,8 +249,8 @@ def similarity_model_file(tiny_prepared: Path, tmp_path_factory) -> Path:
     """An untrained similarity network (a fixed seed) on the tiny data: its scores are not dot
     products of anything, which is what the export must preserve."""
     from imtext.config import ModelConfig
-    from imtext.models.dual_path import build_model
-    from imtext.train.checkpoint import model_record, save_atomic
+    from imtext.models import build_model
+    from imtext.models.files import model_record, save_atomic
     from tests.conftest import TINY_MODEL
 
     torch.manual_seed(0)
@@ -263,7 +264,7 @@ def similarity_model_file(tiny_prepared: Path, tmp_path_factory) -> Path:
 def test_the_similarity_network_exports_codes_and_its_pair_scorer(
     similarity_model_file, tiny_prepared, test_split, tmp_path
 ):
-    from imtext.train.scoring import score_split
+    from imtext.eval.embed import score_split
 
     cfg = dataclasses.replace(CFG, quantize="none")
     out = tmp_path / "export"
@@ -316,8 +317,8 @@ def test_an_embedding_export_scores_pairs_by_dot_product(exported, test_split):
 def gru_model_file(tiny_prepared: Path, tmp_path_factory) -> Path:
     """An untrained model with VSE++'s GRU text encoder and pre-ReLU embeddings (a fixed seed)."""
     from imtext.config import ModelConfig
-    from imtext.models.dual_path import build_model
-    from imtext.train.checkpoint import model_record, save_atomic
+    from imtext.models import build_model
+    from imtext.models.files import model_record, save_atomic
     from tests.conftest import TINY_MODEL
 
     torch.manual_seed(0)

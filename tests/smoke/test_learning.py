@@ -15,9 +15,9 @@ import yaml
 from imtext.config import read_params, stage_config_from_params
 from imtext.data.shapes import background_plateau_rsum
 from imtext.data.store import PreparedSplit
+from imtext.eval.embed import retrieval_inputs
 from imtext.eval.metrics import retrieval_metrics
 from imtext.train.loop import train_stage
-from imtext.train.scoring import retrieval_inputs
 from tests.conftest import REPO, prepared_shapes
 
 #: 1,440 images: 960 train, 240 val, 240 test (imtext data shapes: val = test = N // 6).
@@ -76,7 +76,7 @@ def test_the_default_recipe_learns_far_above_the_background_plateau(slice_prepar
         init=init, device="cpu", progress=False,
     )  # fmt: skip
 
-    from imtext.train.checkpoint import load_model
+    from imtext.models.files import load_model
 
     model, _ = load_model(tmp_path / "finetune" / "model.pt")
     test = PreparedSplit.load(slice_prepared, "test")
@@ -98,8 +98,8 @@ def test_a_stage_of_zero_epochs_passes_its_initial_model_on(tiny_prepared, tmp_p
     was built as, and Stage II starts from exactly that."""
     from imtext.config import ModelConfig
     from imtext.data.store import read_vocabulary
-    from imtext.models.dual_path import build_model
-    from imtext.train.checkpoint import load_model
+    from imtext.models import build_model
+    from imtext.models.files import load_model
     from tests.conftest import TINY_MODEL
 
     params = read_params(REPO / "params.yaml")

@@ -15,12 +15,12 @@ import yaml
 from imtext.cli import main
 from imtext.config import EvaluateConfig
 from imtext.data.store import PreparedSplit
+from imtext.eval.embed import score_split
 from imtext.eval.evaluate import evaluate
 from imtext.eval.metrics import retrieval_metrics
 from imtext.models.dual_path import DualPathModel
+from imtext.models.files import load_model
 from imtext.models.methods import SimilarityModel, TwoBranchModel
-from imtext.train.checkpoint import load_model
-from imtext.train.scoring import score_split
 from tests.conftest import tiny_params
 
 EVAL = EvaluateConfig(

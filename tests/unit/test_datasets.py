@@ -7,7 +7,6 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from imtext.data.datasets import (
-    CaptionDataset,
     ImageDataset,
     InstanceTrainDataset,
     eval_transform,
@@ -75,14 +74,10 @@ def test_train_crop_keeps_most_of_the_image():
         assert out[:, :, 0].mean() < 0.1 and out[:, :, -1].mean() > 0.9
 
 
-def test_eval_datasets_are_deterministic_and_ordered(prepared):
+def test_the_eval_image_dataset_is_deterministic_and_ordered(prepared):
     split = PreparedSplit.load(prepared, "test")
     images = ImageDataset(split, eval_transform(8, mean=(0, 0, 0), std=(1, 1, 1)))
     image, row = images[1]
     assert image.shape == (3, 8, 8) and row == 1
     assert torch.equal(images[1][0], image)
     assert image[0].mean().item() == pytest.approx(200 / 255, abs=1e-3)
-    captions = CaptionDataset(split)
-    assert len(captions) == 3
-    assert [captions[i][1] for i in range(3)] == [0, 0, 1]
-    assert torch.equal(captions[2][0], torch.from_numpy(split.tokens[2].astype(np.int64)))

@@ -14,7 +14,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from imtext.data.datasets import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from imtext.data.text import Vocabulary, encode, tokenize
-from imtext.export.exporter import export_spec, max_abs_diff
+from imtext.export.onnx import export_spec
 from imtext.export.runtime import (
     ExportSpec,
     ImageSpec,
@@ -28,6 +28,7 @@ from imtext.export.runtime import (
     resized_size,
 )
 from imtext.export.runtime import tokenize as runtime_tokenize
+from imtext.export.verify import max_abs_diff
 
 #: One uint8 level after normalisation by the smallest std: Pillow and torchvision round the
 #: two resize passes independently, so a value may differ by a level or two, and rarely.
@@ -181,7 +182,7 @@ def test_the_runtime_never_imports_torch():
 
 
 def test_scorer_parity_pairs_each_caption_with_its_image_and_the_next():
-    from imtext.export.exporter import scorer_pairs
+    from imtext.export.verify import scorer_pairs
 
     images, captions = scorer_pairs(np.array([0, 0, 1]), n_images=2)
     assert images.tolist() == [0, 0, 1, 1, 1, 0]

@@ -1,63 +1,33 @@
-"""The import rules of DESIGN.md ("who may import what"), checked on the source."""
+"""The import rules of DESIGN.md ("who may import what"): the import-linter contracts in
+pyproject.toml ``[tool.importlinter]``, run here so that ``pytest`` alone fails on a broken one.
+
+import-linter cannot see *where* an import sits, so one rule is not a contract: KFP components
+import imtext only inside their bodies (which run in the image), never at module level. The AST
+test ``tests/unit/test_pipeline_compile.py::
+test_components_import_kfp_at_module_level_and_imtext_only_in_bodies`` holds that one.
+"""
 
 from __future__ import annotations
 
-import ast
-from pathlib import Path
-
-import pytest
+import os
+import subprocess
+import sys
 
 from tests.conftest import REPO
 
-SRC = REPO / "src" / "imtext"
-
-#: module prefix -> top-level names (or imtext subpackages) it must not import.
-FORBIDDEN = {
-    "imtext.config": {
-        "torch",
-        "numpy",
-        "mlflow",
-        "kfp",
-        "imtext.data",
-        "imtext.models",
-        "imtext.train",
-    },
-    "imtext.errors": {"torch", "numpy", "yaml", "mlflow", "kfp"},
-    "imtext.data": {"mlflow", "kfp", "imtext.models", "imtext.losses", "imtext.train"},
-    "imtext.losses": {"mlflow", "kfp", "imtext.data", "imtext.models", "imtext.train"},
-    "imtext.eval.metrics": {"mlflow", "kfp", "imtext.data", "imtext.models", "imtext.train"},
-    "imtext.eval.protocols": {"mlflow", "kfp", "imtext.data", "imtext.models", "imtext.train"},
-    "imtext.models": {"mlflow", "kfp", "imtext.data", "imtext.losses", "imtext.train"},
-    "imtext.train": {"mlflow", "kfp", "imtext.registry", "imtext.export"},
-    "imtext.eval": {"mlflow", "kfp", "imtext.registry", "imtext.export", "imtext.train.loop"},
-    # Export may rebuild a model (checkpoint) and embed splits (features), never train.
-    "imtext.export": {"mlflow", "kfp", "imtext.registry", "imtext.train.loop"},
-    "imtext.export.runtime": {"torch", "torchvision", "imtext.train", "imtext.models"},
-    "imtext.registry": {"kfp", "imtext.train.loop", "imtext.eval.evaluate"},
-}
+LINT_IMPORTS = "from importlinter.cli import lint_imports_command; lint_imports_command()"
 
 
-def imported_names(path: Path) -> set[str]:
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            names |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module)
-    return names
-
-
-def module_name(path: Path) -> str:
-    parts = path.relative_to(SRC.parent).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-
-
-@pytest.mark.parametrize("path", sorted(SRC.rglob("*.py")), ids=lambda p: module_name(p))
-def test_module_respects_its_layer(path):
-    module = module_name(path)
-    names = imported_names(path)
-    for prefix, forbidden in FORBIDDEN.items():
-        if module == prefix or module.startswith(prefix + "."):
-            bad = {n for n in names for f in forbidden if n == f or n.startswith(f + ".")}
-            assert not bad, f"{module} imports {sorted(bad)}"
-    assert not any(n.split(".")[0] in {"components", "pipelines"} for n in names)
+def test_import_contracts_are_kept():
+    # This tree's imtext first, whatever copy the environment has installed.
+    path = os.pathsep.join(
+        filter(None, [str(REPO / "src"), str(REPO), os.environ.get("PYTHONPATH")])
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", LINT_IMPORTS, "--no-cache", "--no-logo"],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": path},
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -6,6 +6,7 @@ brute-force references, validation."""
 from __future__ import annotations
 
 import ast
+import inspect
 import math
 from pathlib import Path
 
@@ -16,7 +17,6 @@ import torch.nn.functional as F
 import imtext.losses as losses_pkg
 from imtext.losses import (
     GradientReversal,
-    LogitScale,
     adversarial_lambda,
     grad_reverse,
     infonce_loss,
@@ -27,6 +27,7 @@ from imtext.losses import (
     topk_hinge_mean,
     topk_ranking_loss,
 )
+from imtext.models.logit_scale import LogitScale
 
 F64 = torch.float64
 LOG2, LOG3 = math.log(2), math.log(3)
@@ -303,6 +304,12 @@ def test_logit_scale_is_clip_s_log_parameter_and_clamps_in_place():
     assert scale().item() != before
     with pytest.raises(ValueError, match="init_temperature"):
         LogitScale(init_temperature=0.0)
+
+
+def test_logit_scale_keeps_its_parameter_inside_the_loss_s_default_cap():
+    # The model part and the loss are in layers that may not import each other: each states the cap.
+    loss_cap = inspect.signature(infonce_loss).parameters["max_scale"].default
+    assert LogitScale().max_scale == loss_cap
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, F64])

@@ -14,7 +14,8 @@ from torch import nn
 
 from imtext.config import ModelConfig, config_from_dict, read_params
 from imtext.errors import ConfigError
-from imtext.models.dual_path import DualPathModel, DualPathOutput, build_model
+from imtext.models import build_model
+from imtext.models.dual_path import DualPathModel, DualPathOutput
 from imtext.models.image import (
     BACKBONE_DIM,
     ImageBranch,

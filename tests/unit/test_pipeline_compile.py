@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from imtext.cli.pipeline import add_pipeline_parser
 from imtext.errors import ConfigError, ImtextError
-from imtext.orchestrate import add_pipeline_parser, step_params
+from imtext.pipeline_steps import step_params
 from tests.conftest import REPO
 
 STEPS = ("digest", "prepare", "pretrain", "finetune", "evaluate", "export", "register", "promote")
@@ -146,7 +147,7 @@ def test_retries_on_training_and_no_caching_for_the_registry(package):
 def test_training_steps_keep_checkpoints_on_the_workspace_volume_per_run(package):
     """A retried pod finds its predecessor's checkpoint: the PVC at /workspace, the directory
     named by the run id from the pod's label (not an input, which would defeat the cache)."""
-    from imtext.orchestrate import RUN_ID_ENV, WORKSPACE_ENV
+    from imtext.pipeline_steps import RUN_ID_ENV, WORKSPACE_ENV
 
     spec, platform = package
     for name, (task, _) in all_tasks(spec).items():
@@ -179,7 +180,7 @@ def test_no_step_of_the_cluster_build_takes_the_run_id_as_an_input(package):
 
 
 def test_pipeline_run_id_comes_from_the_input_else_the_pod_label():
-    from imtext.orchestrate import RUN_ID_ENV, pipeline_run_id
+    from imtext.pipeline_steps import RUN_ID_ENV, pipeline_run_id
 
     assert pipeline_run_id("abc", {RUN_ID_ENV: "label"}) == "abc"
     assert pipeline_run_id("", {RUN_ID_ENV: " label "}) == "label"
@@ -373,7 +374,7 @@ def test_settings_that_do_not_fit_together_fail_before_any_step(tmp_path, comman
 
 
 def test_a_training_step_trains_in_its_output_locally_and_on_the_volume_on_a_cluster(tmp_path):
-    from imtext.orchestrate import step_workdir
+    from imtext.pipeline_steps import step_workdir
 
     out = tmp_path / "finetune" / "model"
     assert step_workdir("finetune", out, {}) == out
@@ -385,7 +386,7 @@ def test_a_training_step_trains_in_its_output_locally_and_on_the_volume_on_a_clu
 
 
 def test_a_finished_stage_is_handed_on_and_its_workdir_removed(tmp_path):
-    from imtext.orchestrate import TRAIN_OUTPUTS, hand_on
+    from imtext.pipeline_steps import TRAIN_OUTPUTS, hand_on
 
     work, out = tmp_path / "runs" / "r1" / "pretrain", tmp_path / "out"
     work.mkdir(parents=True)

@@ -14,7 +14,8 @@ from PIL import Image
 from imtext.config import ModelConfig, TrainConfig, config_from_dict, read_params
 from imtext.data.datasets import train_transform
 from imtext.errors import ConfigError
-from imtext.models.dual_path import CosineClassifier, build_model
+from imtext.models import build_model
+from imtext.models.dual_path import CosineClassifier
 from imtext.models.image import ImageBranch, build_backbone, projection_head
 from imtext.models.text import TextCNN, TextGRU
 from imtext.train.loop import autocast_for, cpu_has_bf16

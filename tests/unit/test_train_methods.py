@@ -21,17 +21,18 @@ from imtext.config import (
 )
 from imtext.data.store import PreparedSplit
 from imtext.errors import ConfigError
+from imtext.eval.embed import retrieval_inputs, score_split
 from imtext.eval.metrics import reference_ranks, retrieval_metrics
-from imtext.losses import LogitScale
-from imtext.models.dual_path import DualPathModel, DualPathOutput, MethodOutput, build_model
+from imtext.models import build_model
+from imtext.models.dual_path import DualPathModel, DualPathOutput, MethodOutput
+from imtext.models.files import load_model, model_record, save_atomic
+from imtext.models.logit_scale import LogitScale
 from imtext.models.methods import NoEmbeddingError, SimilarityModel, TwoBranchModel
 from imtext.train import distributed
 from imtext.train.batches import Batch, batch_of, with_negative_pairs
 from imtext.train.batches import epoch_loader as _loader
-from imtext.train.checkpoint import load_model, model_record, save_atomic
 from imtext.train.loop import _initial_model
 from imtext.train.objective import forward_kwargs, reversal_coefficient, step_losses
-from imtext.train.scoring import retrieval_inputs, score_split
 from tests.conftest import REPO, TINY_MODEL
 
 PARAMS = read_params(REPO / "params.yaml")

@@ -12,16 +12,10 @@ import torch
 
 from imtext.config import ModelConfig, TrainConfig, config_from_dict, read_params
 from imtext.errors import ConfigError, DataError, ImtextError
-from imtext.models.dual_path import DualPathModel, build_model
-from imtext.train.checkpoint import (
-    FORMAT,
-    load_file,
-    load_model,
-    model_record,
-    rng_state,
-    save_atomic,
-    set_rng_state,
-)
+from imtext.models import build_model
+from imtext.models.dual_path import DualPathModel
+from imtext.models.files import FORMAT, load_file, load_model, model_record, save_atomic
+from imtext.train.checkpoint import rng_state, set_rng_state
 from imtext.train.sampling import sample_candidates
 from imtext.train.schedule import build_optimizer, lr_at, parameter_groups, set_epoch_lr
 from tests.conftest import REPO

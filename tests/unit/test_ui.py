@@ -9,10 +9,10 @@ import pytest
 import yaml
 
 from imtext.errors import ImtextError
+from imtext.mlflow_ui import run_url
 from imtext.ui import (
     MAKE_UI,
     check_port_free,
-    run_url,
     server_command,
     sqlite_path,
     store_uri,

@@ -136,17 +136,3 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         return self.transform(self.split.image(index)), index
-
-
-class CaptionDataset(Dataset):
-    """Captions of a split in order, left-aligned: ``(tokens int64 (L,), image row)``."""
-
-    def __init__(self, split: PreparedSplit) -> None:
-        self.split = split
-
-    def __len__(self) -> int:
-        return self.split.n_captions
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        tokens = torch.from_numpy(self.split.tokens[index].astype(np.int64))
-        return tokens, int(self.split.caption_image[index])

@@ -33,11 +33,11 @@ from imtext.data.readers import (
 from imtext.data.store import META_FILE, VOCAB_FILE, ImageBlobWriter, write_split_arrays
 from imtext.data.text import UNK_ID, Vocabulary, build_vocabulary, encode_all, tokenize
 from imtext.errors import DataError, printable
+from imtext.logs import MessageLog
 
 #: Caption length used when ``prepare.max_len`` is null, as in the Dual-Path paper.
 DEFAULT_MAX_LEN = {"karpathy": 32, "cuhk-pedes": 56}
 
-Log = Callable[[str], None]
 Progress = Callable[[Iterable, int, str], Iterable]
 
 
@@ -64,7 +64,7 @@ def encode_image(path: Path | BinaryIO, short_side: int, image_format: str) -> b
 
 
 def locate_images(
-    records: Sequence[ImageRecord], images_dir: Path, skip_bad: bool, report: Log
+    records: Sequence[ImageRecord], images_dir: Path, skip_bad: bool, report: MessageLog
 ) -> dict[ImageRecord, Path]:
     """The file of each usable record, below ``images_dir``; a record whose image path leads out
     of it or names no file stops the run, or with ``skip_bad`` is left out and reported."""
@@ -134,7 +134,7 @@ def _write_images(
     cfg: PrepareConfig,
     writer: ImageBlobWriter,
     skip_bad: bool,
-    report: Log,
+    report: MessageLog,
     progress: Progress,
 ) -> list[ImageRecord]:
     """Check, re-encode and append every image to its split's blob; return the records kept."""
@@ -162,6 +162,33 @@ def _write_images(
     return kept
 
 
+def records_by_split(
+    records: Sequence[ImageRecord], annotations: Path, log: MessageLog
+) -> dict[str, list[ImageRecord]]:
+    """The records of each split, in order; :class:`DataError` when no training image is left,
+    a warning for an empty validation or test split."""
+    by_split = {s: [r for r in records if r.split == s] for s in SPLITS}
+    if not by_split["train"]:
+        raise DataError(f"{annotations}: no usable training images; the train split is empty")
+    for split in ("val", "test"):
+        if not by_split[split]:
+            log(f"warning: the {split} split of {annotations} is empty; no {split} metrics")
+    return by_split
+
+
+def split_metrics(
+    split: str, arrays: dict[str, np.ndarray], caption_tokens: Sequence[Sequence[str]], max_len: int
+) -> dict[str, Any]:
+    """Sizes, unknown-word rate and truncated captions of one split's arrays (:func:`split_arrays`
+    of ``caption_tokens``)."""
+    return {
+        f"{split}_images": len(arrays["filenames"]),
+        f"{split}_captions": len(arrays["tokens"]),
+        f"{split}_unk_rate": _unk_rate(arrays["tokens"], arrays["lengths"]),
+        f"{split}_truncated": sum(len(t) > max_len for t in caption_tokens),
+    }
+
+
 def prepare(
     cfg: PrepareConfig,
     annotations: Path,
@@ -169,7 +196,7 @@ def prepare(
     out_dir: Path,
     fmt: Format = "karpathy",
     skip_bad: bool = False,
-    log: Log = print,
+    log: MessageLog = print,
     progress: Progress = _no_progress,
     force: bool = False,
 ) -> dict[str, Any]:
@@ -206,12 +233,7 @@ def prepare(
     with atomic_directory(out_dir, inputs=inputs, force=force) as tmp:
         with ImageBlobWriter(tmp) as writer:
             records = _write_images(located, cfg, writer, skip_bad, report, progress)
-        by_split = {s: [r for r in records if r.split == s] for s in SPLITS}
-        if not by_split["train"]:
-            raise DataError(f"{annotations}: no usable training images; the train split is empty")
-        for split in ("val", "test"):
-            if not by_split[split]:
-                log(f"warning: the {split} split of {annotations} is empty; no {split} metrics")
+        by_split = records_by_split(records, annotations, log)
         max_len = cfg.max_len or DEFAULT_MAX_LEN[fmt]
         tokens = {
             s: [tokenize(c) for r in rows for c in r.captions] for s, rows in by_split.items()
@@ -225,10 +247,7 @@ def prepare(
         for split, rows in by_split.items():
             arrays = split_arrays(rows, tokens[split], vocab, max_len)
             write_split_arrays(tmp, split, writer.offsets(split), arrays)
-            metrics[f"{split}_images"] = len(rows)
-            metrics[f"{split}_captions"] = len(arrays["tokens"])
-            metrics[f"{split}_unk_rate"] = _unk_rate(arrays["tokens"], arrays["lengths"])
-            metrics[f"{split}_truncated"] = sum(len(t) > max_len for t in tokens[split])
+            metrics |= split_metrics(split, arrays, tokens[split], max_len)
         vocab.to_json(tmp / VOCAB_FILE, min_count=cfg.min_count, built_from="train")
         meta = {
             "format": fmt,

@@ -13,17 +13,16 @@ location and says what to check.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
 from imtext.errors import DataError, ImtextError, printable
+from imtext.logs import MessageLog
 
 S3_SCHEME = "s3://"
 FILE_SCHEME = "file://"
-
-Log = Callable[[str], None]
 
 
 def is_s3(location: str) -> bool:
@@ -46,7 +45,7 @@ def fetch(
     *,
     retries: int = 4,
     workers: int = 8,
-    log: Log = print,
+    log: MessageLog = print,
 ) -> Path:
     """A local directory holding the data at ``location``.
 
@@ -83,7 +82,7 @@ def _client(retries: int):
     return boto3.client("s3", config=config)
 
 
-def _fetch_s3(location: str, dest: Path, *, retries: int, workers: int, log: Log) -> Path:
+def _fetch_s3(location: str, dest: Path, *, retries: int, workers: int, log: MessageLog) -> Path:
     bucket, prefix = split_s3(location)
     client = _client(retries)
     endpoint = client.meta.endpoint_url

@@ -37,7 +37,9 @@ from imtext import __version__
 from imtext._fs import atomic_directory, check_output_dir
 from imtext.config import EvaluateConfig, config_to_dict
 from imtext.data.store import PreparedSplit, arrays_file, read_meta, read_vocabulary
+from imtext.device import resolve_device
 from imtext.errors import ConfigError, DataError, ImtextError
+from imtext.eval.embed import retrieval_inputs
 from imtext.eval.metrics import per_query_ranks, recall_curve
 from imtext.eval.protocols import COCO_1K_FOLD_IMAGES, COCO_1K_FOLDS, evaluate_protocol
 from imtext.eval.report import (
@@ -52,10 +54,9 @@ from imtext.eval.report import (
     thumbnail_png,
     top_k_matches,
 )
+from imtext.logs import MessageLog
 from imtext.models.dual_path import DualPathModel
-from imtext.train.checkpoint import load_model
-from imtext.train.distributed import resolve_device
-from imtext.train.scoring import retrieval_inputs
+from imtext.models.files import load_model
 
 __all__ = [
     "build_examples",
@@ -79,7 +80,6 @@ CURVE_MAX_K = 100
 #: Steps reported to ``progress``; embedding dominates the time on real data.
 PHASES = ("load model", "embed images", "embed captions", "rank", "write report")
 
-Log = Callable[[str], None]
 Progress = Callable[[Iterable, int, str], Iterable]
 
 
@@ -98,7 +98,7 @@ def evaluate(
     out_dir: Path,
     *,
     device: str = "auto",
-    log: Log = _no_log,
+    log: MessageLog = _no_log,
     progress: Progress | None = None,
     force: bool = False,
 ) -> dict[str, float]:
@@ -124,7 +124,7 @@ def evaluate(
     next(phases)
     image_size = int(record["model_config"]["image_size"])
     # Embeddings, or for the similarity network the scores of every pair as (S, I): the ranking
-    # and the report below only ever multiply the two (imtext.train.scoring).
+    # and the report below only ever multiply the two (imtext.eval.embed).
     images, texts = retrieval_inputs(
         model, split, image_size, torch_device, cfg.batch_size, 4 * cfg.batch_size,
         cfg.flip_average, cfg.shift_average,

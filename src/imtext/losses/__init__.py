@@ -21,7 +21,7 @@ from imtext.losses.adversarial import (
     grad_reverse,
     modality_loss,
 )
-from imtext.losses.contrastive import LogitScale, infonce_loss
+from imtext.losses.contrastive import infonce_loss
 from imtext.losses.neighbourhood import (
     neighbourhood_loss,
     pairwise_distance,
@@ -32,7 +32,6 @@ from imtext.losses.similarity import similarity_loss
 
 __all__ += [
     "GradientReversal",
-    "LogitScale",
     "adversarial_lambda",
     "grad_reverse",
     "infonce_loss",

@@ -1,4 +1,4 @@
-"""Modality-invariant embedding (seed 002): a gradient-reversal layer and the modality classifier loss.
+"""Modality-invariant embedding (Liu et al., ACM TOMM 2019): a gradient-reversal layer and the modality classifier loss.
 
 A modality classifier ``D`` (``imtext.models.discriminator``) reads a shared-space embedding and says
 whether it came from an image (target 1) or a sentence (target 0). ``D`` minimises

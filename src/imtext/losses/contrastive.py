@@ -2,8 +2,8 @@
 
 The instance loss classifies every sample against a learned proxy per training instance; InfoNCE
 classifies each image against the batch's texts and each text against the batch's images
-(METHODS.md section 4.2). The inverse temperature is learned as its logarithm, as in CLIP: a
-positive scale for any parameter value, and multiplicative steps under a fixed learning rate.
+(METHODS.md section 4.2). The learned inverse temperature is a part of the model
+(``imtext.models.logit_scale.LogitScale``); the loss takes its logarithm as a 0-d tensor.
 """
 
 from __future__ import annotations
@@ -12,45 +12,13 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from imtext.losses.ranking import _check_embeddings, _check_labels
 
-#: CLIP's initial temperature (0.07, from Wu et al. 2018) and its cap on the logit scale (100).
-INIT_TEMPERATURE = 0.07
+#: CLIP's cap on the logit scale: the default of ``imtext.models.logit_scale.LogitScale``, which
+#: keeps its parameter inside it (a test checks that the two agree).
 MAX_SCALE = 100.0
-
-
-class LogitScale(nn.Module):
-    """The learned ``log(1 / temperature)`` of :func:`infonce_loss`, a 0-d parameter.
-
-    Register it on the model (``model.logit_scale = LogitScale()``) so that the optimiser, the
-    checkpoint and DDP see it like any weight, and call :meth:`clamp_` after every optimiser step,
-    as open_clip does: the parameter then never leaves ``[0, log max_scale]``, where the loss's own
-    clamp is the identity and the gradient always flows. (Clamping only inside the loss would leave a
-    parameter that crossed the cap with zero gradient, stuck there for good.)
-    """
-
-    def __init__(self, init_temperature: float = INIT_TEMPERATURE, max_scale: float = MAX_SCALE):
-        super().__init__()
-        if not 0 < init_temperature <= 1 or not math.isfinite(max_scale) or max_scale < 1:
-            raise ValueError(
-                "init_temperature must be in (0, 1] and max_scale a finite number >= 1, got "
-                f"{init_temperature!r}, {max_scale!r}"
-            )
-        self.max_scale = float(max_scale)
-        self.log_scale = nn.Parameter(torch.tensor(math.log(1 / init_temperature)))
-
-    def forward(self) -> Tensor:
-        """The 0-d log-scale parameter, to pass to :func:`infonce_loss`."""
-        return self.log_scale
-
-    @torch.no_grad()
-    def clamp_(self) -> None:
-        self.log_scale.clamp_(0.0, math.log(self.max_scale))
-
-    def extra_repr(self) -> str:
-        return f"max_scale={self.max_scale}"
 
 
 def infonce_loss(
@@ -63,7 +31,7 @@ def infonce_loss(
     """Symmetric InfoNCE over a batch of matching pairs, logits scaled by a learned ``exp(log_scale)``.
 
     ``image_emb`` and ``text_emb`` are (B, D), L2-normalised; row ``i`` of each is a matching pair.
-    ``log_scale`` is a 0-d tensor (:class:`LogitScale`), clamped here to ``[0, log max_scale]``, so
+    ``log_scale`` is a 0-d tensor (``LogitScale``), clamped here to ``[0, log max_scale]``, so
     the scale ``t = exp(log_scale)`` lies in ``[1, max_scale]`` (CLIP: 100). With logits
     ``Z = t * image_emb @ text_emb.T``::
 

@@ -1,4 +1,4 @@
-"""The two-branch embedding network's losses (seed 003): top-K bidirectional ranking and the
+"""The two-branch embedding network's losses (Wang et al., TPAMI 2019): top-K bidirectional ranking and the
 neighbourhood-preserving constraint between sentences of one image.
 
 Following the official code ([TB:retrieval_model.py], METHODS.md section 3.1), everything is a

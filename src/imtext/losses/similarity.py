@@ -1,4 +1,4 @@
-"""The two-branch similarity network's loss (seed 003): logistic regression on pair scores.
+"""The two-branch similarity network's loss (Wang et al., TPAMI 2019): logistic regression on pair scores.
 
 The similarity network fuses an image and a sentence into one score (``imtext.models.two_branch``);
 it is trained on positive pairs (target +1) and sampled negative pairs (target -1) with the logistic

@@ -1,4 +1,4 @@
-"""The modality classifier of the modality-invariant embedding (seed 002, Liu et al., ACM TOMM 2019).
+"""The modality classifier of the modality-invariant embedding (Liu et al., ACM TOMM 2019).
 
 It reads an embedding of the shared space and outputs one logit: image (1) against sentence (0).
 It is trained adversarially against the encoders through a gradient-reversal layer

@@ -6,9 +6,10 @@ pull an image and its captions towards one class vector.
 
 Two optional parts serve the other methods and are absent (no parameters, no random draws, the
 plain :class:`DualPathOutput`) by default: a modality discriminator on the embeddings
-(``model.discriminator_dims``, seed 002) and a learned InfoNCE temperature (``logit_scale``, which
-the training loop attaches). The two-branch models of seed 003 extend this class
-(``imtext.models.methods``), and :func:`build_model` builds whichever ``model.method`` names.
+(``model.discriminator_dims``, the modality-invariant embedding) and a learned InfoNCE temperature (``logit_scale``, which
+the training loop attaches). Wang et al.'s two-branch models extend this class
+(``imtext.models.methods``), and ``imtext.models.build_model`` builds whichever ``model.method``
+names.
 """
 
 from __future__ import annotations
@@ -184,13 +185,3 @@ def build_text_encoder(cfg: ModelConfig, vocab_size: int) -> nn.Module:
         final_relu,
         cfg.text_strides,
     )
-
-
-def build_model(cfg: ModelConfig, vocab_size: int, n_classes: int) -> DualPathModel:
-    """The model of ``cfg.method``: a :class:`DualPathModel` or one of its two-branch extensions."""
-    if cfg.method == "dual_path":
-        return DualPathModel(cfg, vocab_size, n_classes)
-    # Imported here: the extensions subclass DualPathModel, so they import this module.
-    from imtext.models.methods import build_method_model
-
-    return build_method_model(cfg, vocab_size, n_classes)

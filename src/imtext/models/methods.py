@@ -1,4 +1,4 @@
-"""The two-branch networks of seed 003 on top of the dual-path encoders (``model.method``).
+"""Wang et al.'s two-branch networks (TPAMI 2019) on top of the dual-path encoders (``model.method``).
 
 The official two-branch networks read precomputed features (VGG-19 fc7, HGLMM Fisher vectors;
 METHODS.md section 3). Here their branches read the dual-path encoders' outputs: the image ResNet +
@@ -155,14 +155,3 @@ _NO_EMBEDDING = (
     "`imtext export` writes, with pair_scorer.onnx), or every pair with score_matrix (what "
     "`imtext evaluate` does)"
 )
-
-METHOD_MODELS: dict[str, type[DualPathModel]] = {
-    "dual_path": DualPathModel,
-    "two_branch": TwoBranchModel,
-    "similarity": SimilarityModel,
-}
-
-
-def build_method_model(cfg: ModelConfig, vocab_size: int, n_classes: int) -> DualPathModel:
-    """The model class of ``cfg.method``, built."""
-    return METHOD_MODELS[cfg.method](cfg, vocab_size, n_classes)

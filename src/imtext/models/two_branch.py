@@ -1,4 +1,4 @@
-"""Two-branch networks over image and text *features* (seed 003, Wang et al., TPAMI 2019).
+"""Two-branch networks over image and text *features* (Wang et al., TPAMI 2019).
 
 Both networks read precomputed feature vectors (an image CNN's pooled output, a sentence vector),
 not pixels or words: which encoders produce them is the caller's choice.

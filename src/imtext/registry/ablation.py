@@ -9,13 +9,14 @@ holds the configurations, the seeds, each configuration's mean and standard devi
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import mlflow
 
 from imtext.config import RegisterConfig
+from imtext.logs import MessageLog
 from imtext.registry.retry import no_log, retry_settings, translated
 from imtext.registry.runs import (
     connect,
@@ -37,12 +38,12 @@ def log_ablation(
     metrics: Sequence[str],
     tables: Sequence[Path],
     tracking_uri: str | None = None,
-    log: Callable[[str], None] = no_log,
+    log: MessageLog = no_log,
 ) -> str:
     """Log the ablation (``configurations``: name and overrides; ``rows``: one per configuration
-    and seed, as :func:`imtext.ablate.run_ablation` returns them; ``summary``: its
-    :func:`~imtext.ablate.summarise`) to experiment ``cfg.experiment``; returns the parent run's
-    id."""
+    and seed, as :func:`imtext.cli.ablation.run_ablation` returns them; ``summary``: its
+    :func:`~imtext.cli.ablation.summarise`) to experiment ``cfg.experiment``; returns the parent
+    run's id."""
     uri = resolve_tracking_uri(cfg, tracking_uri)
     server = connect(uri, cfg, log)
     overrides = dict(configurations)

@@ -20,7 +20,7 @@ import random
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -28,6 +28,7 @@ from datetime import UTC, datetime
 from mlflow.exceptions import MlflowException
 
 from imtext.config import RegisterConfig
+from imtext.logs import MessageLog
 from imtext.registry.retry import RegistryError, Server
 
 #: Seconds a lock is valid. A promotion takes a dozen requests (well under a second on a healthy
@@ -79,7 +80,7 @@ def promotion_lock(
     server: Server,
     cfg: RegisterConfig,
     wait_s: float = WAIT_S,
-    log: Callable[[str], None] | None = None,
+    log: MessageLog | None = None,
     lease_s: float = LEASE_S,
 ) -> Iterator[Lease]:
     """Hold the promotion lock of ``cfg``'s alias for the block; released on the way out."""
@@ -96,7 +97,7 @@ def acquire(
     alias: str,
     wait_s: float,
     lease_s: float,
-    log: Callable[[str], None],
+    log: MessageLog,
 ) -> Lease:
     """Create lock model ``name``, waiting up to ``wait_s`` seconds while another holder has it."""
     owner = new_owner()

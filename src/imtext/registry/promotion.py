@@ -20,7 +20,6 @@ back and checks that the lock is still its own.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Any
 from imtext import __version__
 from imtext.config import RegisterConfig
 from imtext.errors import ConfigError, ImtextError
+from imtext.logs import MessageLog
 from imtext.registry.lock import WAIT_S, Lease, check_still_held, promotion_lock
 from imtext.registry.provenance import TAG_IMTEXT_VERSION, TAG_MODEL_SHA256, TAG_SIMILARITY
 from imtext.registry.retry import RegistryError, Server, no_log, retry_settings
@@ -59,7 +59,7 @@ def promote(
     *,
     tracking_uri: str | None = None,
     force_reason: str | None = None,
-    log: Callable[[str], None] = no_log,
+    log: MessageLog = no_log,
     lock_wait_s: float = WAIT_S,
 ) -> PromotionDecision:
     """Point alias ``cfg.alias`` of ``cfg.model_name`` at ``version`` if it passes the gate.
@@ -130,7 +130,7 @@ def preview_promotion(
     version: str | int,
     *,
     tracking_uri: str | None = None,
-    log: Callable[[str], None] = no_log,
+    log: MessageLog = no_log,
 ) -> PromotionDecision:
     """What :func:`promote` would decide for ``version`` against the champion of this moment,
     with nothing recorded or moved (a pipeline uses it to skip its promote step)."""
@@ -157,12 +157,12 @@ def judge(server: Server, cfg: RegisterConfig, version: str, *, forced: bool) ->
         else None
     )
     previous = str(champion.version) if champion is not None else None
-    if champion is not None and similarity_of(candidate) != similarity_of(champion):
+    if champion is not None and version_similarity(candidate) != version_similarity(champion):
         return incompatible(cfg, candidate, champion, candidate_metric, champion_metric)
     return decide(cfg, version, previous, candidate_metric, champion_metric)
 
 
-def similarity_of(version: Any) -> str:
+def version_similarity(version: Any) -> str:
     """How a version scores a pair (tag ``imtext.similarity``); versions registered before the
     tag existed are embedding models (``dot``)."""
     return (version.tags or {}).get(TAG_SIMILARITY, "dot")
@@ -177,7 +177,7 @@ def incompatible(
 ) -> PromotionDecision:
     """The refusal of a candidate whose scoring differs from the champion's."""
     answers = {"dot": "embeddings (dot-product scores)", "network": "pair scores only"}
-    new, old = similarity_of(candidate), similarity_of(champion)
+    new, old = version_similarity(candidate), version_similarity(champion)
     reason = (
         f"version {candidate.version} scores with {new!r} ({answers.get(new, new)}) but champion "
         f"version {champion.version} with {old!r} ({answers.get(old, old)}): clients of alias "

@@ -167,8 +167,8 @@ def tracking_uri_in_force(uri: str) -> Iterator[None]:
 def run_url(uri: str, experiment_id: str, run_id: str) -> str:
     """The run's page in MLflow's UI: on the server itself, or for an embedded store where
     ``make ui`` serves it."""
-    from imtext.ui import DEFAULT_PORT, HOST
-    from imtext.ui import run_url as page
+    from imtext.mlflow_ui import DEFAULT_PORT, HOST
+    from imtext.mlflow_ui import run_url as page
 
     base = uri if uri.startswith(("http://", "https://")) else f"http://{HOST}:{DEFAULT_PORT}"
     return page(base, experiment_id, run_id)

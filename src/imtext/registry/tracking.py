@@ -17,7 +17,7 @@ the metric gate. Nothing in the input directories is written.
 
 Why no ``mlflow.pytorch`` model: it pickles the ``nn.Module`` (code and all), which ties loading to
 this exact source tree, while ``model.pt`` is a state_dict plus config JSON that
-``imtext.train.checkpoint.load_model`` rebuilds; serving uses the ONNX pyfunc. The run keeps
+``imtext.models.files.load_model`` rebuilds; serving uses the ONNX pyfunc. The run keeps
 ``training/model.pt`` for fine-tuning and re-export.
 """
 

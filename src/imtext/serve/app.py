@@ -67,22 +67,30 @@ def create_app(service: Service, cfg: ServeConfig) -> FastAPI:
     """The FastAPI application serving ``service`` under the limits of ``cfg``."""
     app = FastAPI(title="imtext search", docs_url=None, redoc_url=None, openapi_url=None)
     install_error_handlers(app)
-    page = resources.files("imtext.serve").joinpath("static/index.html").read_text("utf-8")
+    add_health_routes(app, service)
+    add_search_routes(app, service, cfg)
+    add_v2_routes(app, service, cfg)
+    add_page_routes(app, service)
+    return app
 
-    def ready_state() -> ServingState:
-        state = service.state
-        if state is None:
-            reason = service.failure or "the model and its index are still loading; try again"
-            raise RequestError(503, reason)
-        return state
 
+def ready_state(service: Service) -> ServingState:
+    """The version being served; a 503 naming why while there is none."""
+    state = service.state
+    if state is None:
+        reason = service.failure or "the model and its index are still loading; try again"
+        raise RequestError(503, reason)
+    return state
+
+
+def add_health_routes(app: FastAPI, service: Service) -> None:
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
     @app.get("/readyz")
     def readyz() -> dict[str, Any]:
-        state = ready_state()
+        state = ready_state(service)
         return {
             "status": "ready",
             "model": state.model_info,
@@ -94,11 +102,13 @@ def create_app(service: Service, cfg: ServeConfig) -> FastAPI:
             },
         }
 
+
+def add_search_routes(app: FastAPI, service: Service, cfg: ServeConfig) -> None:
     @app.get("/api/search")
     def search_text(request: Request) -> dict[str, Any]:
         query = text_query(request.query_params.get("q"), cfg)
         k = top_k(request.query_params.get("k"), cfg)
-        state = ready_state()
+        state = ready_state(service)
         try:
             hits = state.search_text(query, k)
         except InputError as exc:
@@ -111,7 +121,7 @@ def create_app(service: Service, cfg: ServeConfig) -> FastAPI:
         data = await read_body(request, cfg.max_body_bytes)
         if not data:
             raise RequestError(400, "empty body; send the bytes of a PNG or JPEG file")
-        state = ready_state()
+        state = ready_state(service)
         try:
             hits = await run_in_threadpool(state.search_image_bytes, data, k, cfg.max_image_pixels)
         except InputError as exc:
@@ -124,38 +134,45 @@ def create_app(service: Service, cfg: ServeConfig) -> FastAPI:
         name = request.query_params.get("image")
         if not name:
             raise RequestError(400, "image: missing; give the name of a gallery image")
-        state = ready_state()
+        state = ready_state(service)
         position = state.gallery.positions.get(name)
         if position is None:
             raise RequestError(404, f"image: no image {name!r} in the gallery")
         hits = state.captions_near(state.image_embeddings[position : position + 1], k)
         return {"model": state.model_info, "results": [caption_result(state, h) for h in hits]}
 
+
+def add_v2_routes(app: FastAPI, service: Service, cfg: ServeConfig) -> None:
     @app.get("/v2/health/live")
     def v2_live() -> dict[str, bool]:
         return {"live": True}
 
     @app.get("/v2/health/ready")
     def v2_ready() -> dict[str, bool]:
-        ready_state()
+        ready_state(service)
         return {"ready": True}
 
     @app.get("/v2/models/{name}")
     def v2_metadata(name: str) -> dict[str, Any]:
-        return model_metadata(ready_state(), known_model(name))
+        return model_metadata(ready_state(service), known_model(name))
 
     @app.get("/v2/models/{name}/ready")
     def v2_model_ready(name: str) -> dict[str, Any]:
         known_model(name)
-        state = ready_state()
+        state = ready_state(service)
         return {"name": name, "version": state.model.version, "ready": True}
 
     @app.post("/v2/models/{name}/infer")
     async def v2_infer(name: str, request: Request) -> dict[str, Any]:
         known_model(name)
         body = parse_json(await read_body(request, cfg.max_body_bytes))
-        state = ready_state()
+        state = ready_state(service)
         return await run_in_threadpool(infer, state, name, body, cfg)
+
+
+def add_page_routes(app: FastAPI, service: Service) -> None:
+    """The search page and the gallery's images it shows."""
+    page = resources.files("imtext.serve").joinpath("static/index.html").read_text("utf-8")
 
     @app.get("/", response_class=HTMLResponse)
     def index_page() -> HTMLResponse:
@@ -168,8 +185,6 @@ def create_app(service: Service, cfg: ServeConfig) -> FastAPI:
         if path is None:
             raise RequestError(404, f"no image {name!r} in the gallery")
         return FileResponse(path, media_type=MEDIA_TYPES.get(path.suffix.lower()))
-
-    return app
 
 
 def install_error_handlers(app: FastAPI) -> None:

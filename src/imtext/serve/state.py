@@ -8,7 +8,6 @@ so every answer comes from one version and names it.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import numpy as np
 from imtext.config import ServeConfig
 from imtext.errors import ImtextError
 from imtext.export.runtime import InputError, open_image
+from imtext.logs import MessageLog
 from imtext.serve.gallery import Gallery
 from imtext.serve.index import (
     EXACT,
@@ -96,7 +96,7 @@ def build_state(
     gallery: Gallery,
     cfg: ServeConfig,
     cache: IndexCache,
-    log: Callable[[str], None],
+    log: MessageLog,
     *,
     embeddings: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> ServingState:

@@ -18,7 +18,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,22 +42,17 @@ from imtext.config import (
 from imtext.data.datasets import InstanceTrainDataset, train_transform
 from imtext.data.store import PreparedSplit, read_vocabulary
 from imtext.errors import ConfigError, DataError, ImtextError
+from imtext.eval.embed import retrieval_inputs
 from imtext.eval.metrics import retrieval_metrics
-from imtext.losses import LogitScale
-from imtext.models.dual_path import DualPathModel, build_model
+from imtext.logs import MetricsLog
+from imtext.models import build_model
+from imtext.models.dual_path import DualPathModel
+from imtext.models.files import MODEL_FILE, load_file, load_model, model_record, save_atomic
+from imtext.models.logit_scale import LogitScale
 from imtext.models.word2vec import init_word_embedding, read_word_vectors
 from imtext.train import distributed
 from imtext.train.batches import Batch, epoch_loader, epoch_seed
-from imtext.train.checkpoint import (
-    CHECKPOINT_FILE,
-    MODEL_FILE,
-    load_file,
-    load_model,
-    model_record,
-    rng_state,
-    save_atomic,
-    set_rng_state,
-)
+from imtext.train.checkpoint import CHECKPOINT_FILE, rng_state, set_rng_state
 from imtext.train.objective import (
     forward_kwargs,
     learns_temperature,
@@ -72,12 +67,10 @@ from imtext.train.schedule import (
     set_epoch_lr,
     set_lr,
 )
-from imtext.train.scoring import retrieval_inputs
 
 if TYPE_CHECKING:
     from tqdm import tqdm
 
-Log = Callable[[dict[str, float], int], None]
 logger = logging.getLogger("imtext.train")
 
 METRICS_FILE = "metrics.json"
@@ -125,7 +118,7 @@ class StageRun:
     cfg: TrainConfig
     info: distributed.Dist
     out_dir: Path
-    log: Log
+    log: MetricsLog
     data: TrainingData
     core: DualPathModel
     model: torch.nn.Module
@@ -292,7 +285,7 @@ def validate(
     shift_average: bool = False,
 ) -> dict[str, float]:
     """Recall on ``split`` (the whole split as one gallery), by embeddings or, for the similarity
-    network, by the scores of every pair (``imtext.train.scoring``)."""
+    network, by the scores of every pair (``imtext.eval.embed``)."""
     with record_function("imtext.validate"):
         images, texts = retrieval_inputs(
             core, split, image_size, device, flip_average=flip_average, shift_average=shift_average
@@ -313,7 +306,7 @@ def train_stage(
     init: Path | None = None,
     resume: bool = False,
     device: str = "auto",
-    log: Log = _no_log,
+    log: MetricsLog = _no_log,
     progress: bool = True,
 ) -> dict[str, float]:
     """Train one stage on ``prepared`` data into ``out_dir``; returns the stage's metrics.
@@ -389,7 +382,7 @@ def _start_run(
     init: Path | None,
     info: distributed.Dist,
     out_dir: Path,
-    log: Log,
+    log: MetricsLog,
 ) -> StageRun:
     """The stage's model (seeded by ``seed``, or from ``init``), on its device, and its optimiser."""
     torch.manual_seed(cfg.seed)

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from imtext.config import ModelConfig
 from imtext.data.datasets import eval_transform
 from imtext.data.store import PreparedSplit
-from imtext.models.dual_path import build_model
-from imtext.train.features import caption_shifts, embed_captions, embed_images
+from imtext.eval.embed import caption_shifts, embed_captions, embed_images
+from imtext.models import build_model
 from tests.conftest import TINY_MODEL
 
 

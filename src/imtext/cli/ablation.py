@@ -1,5 +1,5 @@
-"""``imtext ablate``: train a list of configurations on the same prepared data, over several seeds,
-evaluate each on the test split, and write one table.
+"""The ablation ``imtext ablate`` runs: train a list of configurations on the same prepared data,
+over several seeds, evaluate each on the test split, and write one table.
 
 A configuration is a name, the training stages it runs (``pretrain`` and/or ``finetune``, in that
 order, each starting from the previous one's ``model.pt``) and ``section.key=value`` overrides of
@@ -12,9 +12,9 @@ and sample standard deviation over the seeds (the CSV also every seed's row), pl
 the configurations file asks for: the mean per-seed difference of rsum between two configurations
 (the seeds pair them: same data order and initialisation) with its standard deviation.
 
-The module writes files and calls ``log(message)``; MLflow logging is the caller's (the CLI's,
-through :func:`imtext.registry.ablation.log_ablation`: a parent run, one nested run per
-configuration and seed).
+The module writes files and calls ``log(message)``; MLflow logging is the caller's
+(:mod:`imtext.cli.ablate`, through :func:`imtext.registry.ablation.log_ablation`: a parent run, one
+nested run per configuration and seed).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import io
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,8 @@ import yaml
 from imtext.config import apply_overrides, check_method, stage_config_from_params
 from imtext.errors import ConfigError
 from imtext.eval.evaluate import evaluate
+from imtext.logs import MessageLog
+from imtext.metrics_log import jsonl_metrics_log
 from imtext.train.loop import train_stage
 
 STAGES = ("pretrain", "finetune")
@@ -41,8 +43,6 @@ METRICS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
 RESULT_FILE = "result.json"
 TABLE_MD = "ablation.md"
 TABLE_CSV = "ablation.csv"
-
-Log = Callable[[str], None]
 
 
 def _no_log(message: str) -> None:
@@ -164,7 +164,7 @@ def run_one(
     run_dir: Path,
     *,
     device: str = "auto",
-    log: Log = _no_log,
+    log: MessageLog = _no_log,
 ) -> dict[str, Any]:
     """Train and evaluate one (configuration, seed) into ``run_dir``; returns its result row.
 
@@ -185,7 +185,7 @@ def run_one(
             log(f"ablate: {config.name} seed {seed}: {stage}")
             train_stage(
                 stage, model_cfg, cfg, prepared, out, init=init, resume=True, device=device,
-                log=_jsonl(out / "log.jsonl", stage), progress=False,
+                log=jsonl_metrics_log(out / "log.jsonl", stage), progress=False,
             )  # fmt: skip
         best_epochs[stage] = json.loads((out / "metrics.json").read_text())["best_epoch"]
         init = out / "model.pt"
@@ -205,15 +205,6 @@ def run_one(
     return result
 
 
-def _jsonl(path: Path, stage: str) -> Callable[[dict[str, float], int], None]:
-    def log(metrics: dict[str, float], step: int) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a", encoding="utf-8") as file:
-            file.write(json.dumps({"stage": stage, "step": step, **metrics}) + "\n")
-
-    return log
-
-
 def run_ablation(
     params: dict[str, Any],
     plan: Plan,
@@ -223,7 +214,7 @@ def run_ablation(
     *,
     table_dir: Path | None = None,
     device: str = "auto",
-    log: Log = _no_log,
+    log: MessageLog = _no_log,
 ) -> list[dict[str, Any]]:
     """Every (configuration, seed), configurations outermost; then the tables. Returns the rows."""
     if not seeds or len(set(seeds)) != len(seeds):
