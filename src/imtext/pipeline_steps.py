@@ -13,11 +13,11 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from imtext._process import skip_final_collection
+from imtext._process import tune_collector_for_a_short_process
 from imtext.errors import ConfigError, ImtextError
 
-# Each step is one process, whose exit would otherwise walk the whole torch/MLflow heap.
-skip_final_collection()
+# Each step is one short process (see the function).
+tune_collector_for_a_short_process()
 
 
 def step_params(params: str, overrides: list[str], model_name: str = "") -> dict[str, Any]:

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from imtext import __version__
-from imtext._process import skip_final_collection
+from imtext._process import tune_collector_for_a_short_process
 from imtext.cli.ablate import add_ablate_command
 from imtext.cli.pipeline import add_pipeline_parser
 from imtext.cli.register import add_registry_commands
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    skip_final_collection()
+    tune_collector_for_a_short_process()
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.INFO,
