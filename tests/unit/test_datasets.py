@@ -63,6 +63,37 @@ def test_a_seeded_loader_repeats_and_workers_load(prepared):
     assert epoch(0).shape == (3, 32)
 
 
+def _images_of_a_seeded_loader(dataset: InstanceTrainDataset, workers: int) -> torch.Tensor:
+    loader = DataLoader(
+        dataset, batch_size=2, num_workers=workers, generator=torch.Generator().manual_seed(3)
+    )
+    return torch.cat([batch["image"] for batch in loader])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_the_resized_cache_gives_the_same_items_and_draws(prepared, workers):
+    split = PreparedSplit.load(prepared, "train")
+    plain = InstanceTrainDataset(split, train_transform(16, hflip=True, augment="shift"))
+    cached = InstanceTrainDataset(split, train_transform(16, hflip=True, augment="shift"))
+    assert cached.cache_resized_images()
+    assert cached._resized.shape == (split.n_images, 3, 16, 16)
+    torch.manual_seed(5)
+    expected = _images_of_a_seeded_loader(plain, workers)
+    torch.manual_seed(5)
+    assert torch.equal(_images_of_a_seeded_loader(cached, workers), expected)
+
+
+def test_the_resized_cache_is_skipped_for_a_random_first_step_or_over_budget(prepared):
+    split = PreparedSplit.load(prepared, "train")
+    # The paper's resized crop draws before it resizes: nothing is the same in every epoch.
+    resized_crop = InstanceTrainDataset(split, train_transform(16, hflip=False))
+    assert not resized_crop.cache_resized_images()
+    shift = InstanceTrainDataset(split, train_transform(16, hflip=False, augment="shift"))
+    assert not shift.cache_resized_images(budget=3 * 16 * 16 * split.n_images - 1)
+    assert shift._resized is None
+    assert shift.cache_resized_images(budget=3 * 16 * 16 * split.n_images)
+
+
 def test_train_crop_keeps_most_of_the_image():
     # A left half black / right half white image: a crop keeping >= 80% of the side still shows both.
     image = Image.new("RGB", (100, 100), (0, 0, 0))

@@ -16,12 +16,12 @@ after a resume sees exactly the batches the uninterrupted run saw.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
-from torchvision.transforms import v2
 
 from imtext.config import TrainConfig
 from imtext.data.datasets import InstanceTrainDataset
@@ -198,7 +198,7 @@ def _neighbourhood_loader(
     """The epoch's neighbourhood batches (one loader item each), this process's share of them."""
     seed = epoch_seed(cfg.seed, epoch)  # without the rank: every process draws the same epoch
     batches = epoch_neighbourhood_batches(dataset.split, cfg, seed, info.rank, info.world_size)
-    items = NeighbourhoodDataset(dataset.split, dataset.transform, dataset.shift, batches, seed)
+    items = NeighbourhoodDataset(dataset.split, dataset.image, dataset.shift, batches, seed)
     return DataLoader(
         items,
         batch_size=None,
@@ -239,12 +239,12 @@ class NeighbourhoodDataset(Dataset):
     def __init__(
         self,
         split: PreparedSplit,
-        transform: v2.Compose,
+        image: Callable[[int], torch.Tensor],
         shift: bool,
         batches: list[NeighbourhoodBatch],
         seed: int,
     ) -> None:
-        self.split, self.transform, self.shift = split, transform, shift
+        self.split, self.image, self.shift = split, image, shift
         self.batches, self.seed = batches, seed
 
     def __len__(self) -> int:
@@ -260,7 +260,7 @@ class NeighbourhoodDataset(Dataset):
                 [random_shift(r, int(n), rng) for r, n in zip(rows, lengths, strict=True)]
             )
         return {
-            "image": torch.stack([self.transform(self.split.image(int(r))) for r in batch.images]),
+            "image": torch.stack([self.image(int(r)) for r in batch.images]),
             "tokens": torch.from_numpy(rows.astype(np.int64)),
             "label": torch.from_numpy(self.split.image_labels[batch.images].astype(np.int64)),
             "caption_slot": torch.from_numpy(batch.caption_slot),

@@ -339,6 +339,8 @@ def _train_stage(run: StageRun, resume: bool, progress: bool) -> dict[str, float
         train_transform(run.model_cfg.image_size, cfg.hflip, cfg.crop_scale, cfg.image_augment),
         cfg.text_shift,
     )
+    if state.epoch < cfg.epochs:
+        dataset.cache_resized_images()
     steps_per_epoch = len(epoch_loader(dataset, cfg, info, state.epoch))
     _announce(run, steps_per_epoch)
     # A run resumed after it stopped early stays stopped (a retried pipeline step must not train
