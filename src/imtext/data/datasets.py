@@ -135,10 +135,9 @@ class InstanceTrainDataset(Dataset):
         if first.dtype != torch.uint8 or first.numel() * self.split.n_images > budget:
             return False
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-            images = list(
-                pool.map(lambda i: fixed(self.split.image(i)), range(self.split.n_images))
-            )
-        self._resized, self._after_resized = torch.stack(images), rest
+            others = pool.map(lambda i: fixed(self.split.image(i)), range(1, self.split.n_images))
+            self._resized = torch.stack([first, *others])
+        self._after_resized = rest
         return True
 
     def image(self, index: int) -> torch.Tensor:
