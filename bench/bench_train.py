@@ -1,17 +1,20 @@
-"""Training throughput of each stage, and where a step's time goes, measured with torch.profiler.
+"""Training throughput of each stage against the bare model step, and where a step's time goes.
 
-For Stage I (``pretrain``) and Stage II (``finetune``) with the settings of ``params.yaml``, this runs
-the real training loop (``imtext.train.loop.train_stage``) for one epoch on the prepared data under
-the profiler, and reads the loop's ``imtext.*`` labels: data loading, negative mining, forward,
-loss, backward, optimiser. The baseline, measured in the same run, is the model's forward + backward
-+ optimiser step alone on one batch held in memory: the loop's samples/s as a ratio of it says what
-the pipeline around the model costs.
+For Stage I (``pretrain``) and Stage II (``finetune``) with the settings of ``params.yaml``, each of
+``--repeats`` rounds times the baseline, the model's forward + backward + optimiser step alone on
+one batch held in memory, and then one epoch of the real training loop
+(``imtext.train.loop.train_stage``) on the prepared data, not profiled; a last baseline closes the
+bracket. The ratio of the loop's median images/s to the baseline's says what the pipeline around
+the model costs. ``--workers 0 1`` times the loop with each DataLoader worker count. One more epoch
+runs under torch.profiler, whose ``imtext.*`` labels split it into data loading, negative mining,
+forward, loss, backward and optimiser.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -65,27 +68,102 @@ def model_only_samples_per_s(model_cfg, cfg, prepared: Path, steps: int) -> floa
     return steps * cfg.batch_size / (time.perf_counter() - start)
 
 
+def loop_samples_per_s(stage, model_cfg, cfg, prepared: Path, init: Path | None, out: Path):
+    """One epoch of the real loop, not profiled: its training images per second (the loop's own
+    clock, validation excluded)."""
+    cfg = dataclasses.replace(cfg, epochs=1, patience=None)
+    metrics = train_stage(stage, model_cfg, cfg, prepared, out, init=init, device="cpu",
+                          progress=False)  # fmt: skip
+    return metrics["train_samples_per_s"]
+
+
 def profile_stage(stage, model_cfg, cfg, prepared: Path, init: Path | None, out: Path):
-    """One epoch of the real loop under the profiler: (stage metrics, seconds per phase, wall)."""
+    """One epoch of the real loop under the profiler: (seconds per phase, wall seconds)."""
     cfg = dataclasses.replace(cfg, epochs=1, patience=None)
     start = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        metrics = train_stage(
-            stage, model_cfg, cfg, prepared, out, init=init, device="cpu", progress=False
-        )
+        train_stage(stage, model_cfg, cfg, prepared, out, init=init, device="cpu", progress=False)
     wall = time.perf_counter() - start
     phases = {p: 0.0 for p in PHASES}
     for event in prof.key_averages():
         if event.key.startswith("imtext."):
             phases[event.key.removeprefix("imtext.")] = event.cpu_time_total / 1e6
-    return metrics, phases, wall
+    return phases, wall
 
 
-def main() -> None:
+@dataclasses.dataclass
+class StageTimes:
+    """What one stage measured: baselines bracket the loop's epochs, one list per worker count."""
+
+    stage: str
+    cfg: object
+    baselines: list[float]
+    loops: dict[int, list[float]]
+    phases: dict[str, float]
+    wall: float
+
+
+def measure_stage(stage, model_cfg, cfg, args, init: Path | None, tmp: Path) -> StageTimes:
+    """``args.repeats`` rounds of (bare step, one unprofiled epoch per worker count), a last bare
+    step, then one profiled epoch for the phase breakdown. Alternating puts the machine's drift
+    into both sides of the ratio alike."""
+    workers = args.workers if args.workers is not None else [cfg.workers]
+    baselines, loops = [], {w: [] for w in workers}
+    for r in range(args.repeats):
+        baselines.append(
+            model_only_samples_per_s(model_cfg, cfg, args.prepared, args.baseline_steps)
+        )
+        for w in workers:
+            run_cfg = dataclasses.replace(cfg, workers=w)
+            out = tmp / f"{stage}-r{r}-w{w}"
+            loops[w].append(loop_samples_per_s(stage, model_cfg, run_cfg, args.prepared, init, out))
+    baselines.append(model_only_samples_per_s(model_cfg, cfg, args.prepared, args.baseline_steps))
+    phases, wall = profile_stage(stage, model_cfg, cfg, args.prepared, init, tmp / f"{stage}-prof")
+    return StageTimes(stage, cfg, baselines, loops, phases, wall)
+
+
+def _spread(values: list[float]) -> str:
+    return f"{statistics.median(values):.0f} ({min(values):.0f}-{max(values):.0f})"
+
+
+def throughput_table(times: list[StageTimes]) -> list[str]:
+    lines = [
+        "| stage | ranking | workers | model step only, img/s: median (range) "
+        "| training loop, img/s: median (range) | ratio of medians |",
+        "|---|---|---|---|---|---|",
+    ]
+    for t in times:
+        ranking = t.cfg.ranking if t.cfg.loss_weights[0] else "none"
+        for w, loop in t.loops.items():
+            ratio = statistics.median(loop) / statistics.median(t.baselines)
+            lines.append(f"| {t.stage} | {ranking} | {w} | {_spread(t.baselines)} "
+                         f"| {_spread(loop)} | {ratio:.2f}x |")  # fmt: skip
+    return lines
+
+
+def phase_table(times: list[StageTimes]) -> list[str]:
+    lines = [
+        "| stage | " + " | ".join(f"{p} s" for p in PHASES[:-1]) + " | outside forward/backward |",
+        "|---|" + "---|" * (len(PHASES) - 1) + "---|",
+    ]
+    for t in times:
+        model_time = t.phases["forward"] + t.phases["backward"]
+        train_time = t.wall - t.phases["validate"]
+        lines.append(f"| {t.stage} | " + " | ".join(f"{t.phases[p]:.1f}" for p in PHASES[:-1])
+                     + f" | {100 * (1 - model_time / train_time):.0f}% |")  # fmt: skip
+    return lines
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--prepared", type=Path, default=REPO / "artifacts" / "prepared")
     parser.add_argument("--params", type=Path, default=REPO / "params.yaml")
     parser.add_argument("--baseline-steps", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="rounds of (bare step, unprofiled epoch) per stage (default 3)")  # fmt: skip
+    parser.add_argument("--workers", type=int, nargs="+", default=None,
+                        help="DataLoader worker counts to time the loop with "
+                             "(default: the stage's own)")  # fmt: skip
     parser.add_argument(
         "--smoke",
         action="store_true",
@@ -93,50 +171,39 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=None,
                         help="default: artifacts/bench/train.md (none with --smoke)")  # fmt: skip
-    args = parser.parse_args()
+    return parser.parse_args()
 
+
+def main() -> None:
+    args = parse_args()
     model_cfg = load_stage_config("model", args.params)
-    rows = []
+    times = []
     with tempfile.TemporaryDirectory() as tmp:
         if args.smoke:
             args.prepared = smoke_prepared(Path(tmp) / "data", args.params)
             model_cfg = smoke_model_config(args.params)
-            args.baseline_steps = 1
+            args.baseline_steps, args.repeats = 1, 1
         init = None
         for stage in ("pretrain", "finetune"):
             cfg = (smoke_stage_config if args.smoke else load_stage_config)(stage, args.params)
-            baseline = model_only_samples_per_s(model_cfg, cfg, args.prepared, args.baseline_steps)
-            out = Path(tmp) / stage
-            metrics, phases, wall = profile_stage(stage, model_cfg, cfg, args.prepared, init, out)
-            init = out / "model.pt"
-            train_time = wall - phases["validate"]
-            model_time = phases["forward"] + phases["backward"]
-            rows.append(
-                (stage, cfg, baseline, metrics["train_samples_per_s"], phases, train_time,
-                 model_time)
-            )  # fmt: skip
+            times.append(measure_stage(stage, model_cfg, cfg, args, init, Path(tmp)))
+            init = Path(tmp) / f"{stage}-prof" / "model.pt"
 
     lines = [
-        f"training throughput on {torch.get_num_threads()} CPU threads, one epoch per stage, "
-        f"settings of {args.params.name} (model: {model_cfg.image_backbone} at "
-        f"{model_cfg.image_size} px, embed {model_cfg.embed_dim})",
+        f"training throughput on {torch.get_num_threads()} CPU threads, one epoch per run, "
+        f"{args.repeats} rounds, settings of {args.params.name} (model: "
+        f"{model_cfg.image_backbone} at {model_cfg.image_size} px, embed {model_cfg.embed_dim})",
         "",
-        "| stage | ranking | model step only (img/s) | training loop (img/s) | ratio | "
-        + " | ".join(f"{p} s" for p in PHASES[:-1])
-        + " | outside forward/backward |",
-        "|---|---|---|---|---|" + "---|" * (len(PHASES) - 1) + "---|",
-    ]
-    for stage, cfg, baseline, loop, phases, train_time, model_time in rows:
-        ranking = cfg.ranking if cfg.loss_weights[0] else "none"
-        lines.append(
-            f"| {stage} | {ranking} | {baseline:.0f} | {loop:.0f} | {loop / baseline:.2f}x | "
-            + " | ".join(f"{phases[p]:.1f}" for p in PHASES[:-1])
-            + f" | {100 * (1 - model_time / train_time):.0f}% |"
-        )
-    lines += [
+        *throughput_table(times),
         "",
-        "Phases are the profiler's CPU time of the loop's `imtext.*` labels over the epoch; "
-        "'outside forward/backward' is 1 - (forward + backward) / (epoch wall time - validation).",
+        "Where one more epoch's time goes, under torch.profiler (stage's own workers):",
+        "",
+        *phase_table(times),
+        "",
+        "The loop's img/s is its own clock over an unprofiled epoch (validation excluded); the "
+        "baseline's rounds bracket the loop's. Phases are the profiler's CPU time of the loop's "
+        "`imtext.*` labels; 'outside forward/backward' is 1 - (forward + backward) / (epoch wall "
+        "time - validation).",
     ]
     table = "\n".join(lines)
     print(table)
