@@ -162,3 +162,15 @@ def test_ablate_writes_the_table_and_resumes(tiny_prepared, tmp_path, caplog):
     caplog.set_level("INFO")
     assert main(args) == 0
     assert "ablate: rank seed 0: rsum" in caplog.text and "seed 0: finetune" not in caplog.text
+    # --table-only tabulates what has finished (seed 2 never ran) and trains nothing.
+    (tmp_path / "runs" / "runs" / "rank" / "seed1" / "result.json").unlink()
+    caplog.clear()
+    assert main([*args[:-2], "--table-dir", str(tmp_path / "part"), "--seeds", "0", "1", "2",
+                 "--table-only"]) == 0  # fmt: skip
+    assert "finetune" not in caplog.text
+    assert not (tmp_path / "runs" / "runs" / "rank" / "seed2").exists()
+    rows = list(csv.DictReader((tmp_path / "part" / "ablation.csv").open()))
+    assert [(r["config"], r["seed"]) for r in rows[:3]] == [
+        ("rank", "0"), ("inst_rank", "0"), ("inst_rank", "1"),
+    ]  # fmt: skip
+    assert "| rank | finetune | 1 |" in (tmp_path / "part" / "ablation.md").read_text()

@@ -40,6 +40,12 @@ def add_ablate_command(sub: argparse._SubParsersAction) -> None:
         metavar="NAME",
         help="run only these configurations (e.g. to share them out among processes)",
     )
+    p.add_argument(
+        "--table-only",
+        action="store_true",
+        help="train nothing: write the tables from the runs of --seeds that have finished "
+        "under --out (a row shows how many seeds it has)",
+    )
     params_arg(p)
     device_arg(p)
     p.add_argument(
@@ -61,7 +67,7 @@ def _run_ablate(args: argparse.Namespace) -> None:
     table_dir = args.table_dir or args.out
     rows = run_ablation(
         params, plan, args.prepared, args.out, args.seeds, table_dir=table_dir,
-        device=args.device, log=log.info,
+        device=args.device, log=log.info, table_only=args.table_only,
     )  # fmt: skip
     log.info("ablation table: %s", table_dir / "ablation.md")
     if not args.mlflow:

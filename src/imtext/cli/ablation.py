@@ -205,6 +205,18 @@ def run_one(
     return result
 
 
+def finished_rows(plan: Plan, out: Path, seeds: Sequence[int]) -> list[dict[str, Any]]:
+    """The stored result of every (configuration, seed) of ``plan`` that has finished under
+    ``out``, in plan order; unfinished ones are left out (a table of what exists so far)."""
+    rows = []
+    for config in plan.configurations:
+        for seed in seeds:
+            path = Path(out) / "runs" / config.name / f"seed{seed}" / RESULT_FILE
+            if path.is_file():
+                rows.append(json.loads(path.read_text()))
+    return rows
+
+
 def run_ablation(
     params: dict[str, Any],
     plan: Plan,
@@ -215,10 +227,18 @@ def run_ablation(
     table_dir: Path | None = None,
     device: str = "auto",
     log: MessageLog = _no_log,
+    table_only: bool = False,
 ) -> list[dict[str, Any]]:
-    """Every (configuration, seed), configurations outermost; then the tables. Returns the rows."""
+    """Every (configuration, seed), configurations outermost; then the tables. Returns the rows.
+    ``table_only``: train nothing, tabulate the runs that have finished."""
     if not seeds or len(set(seeds)) != len(seeds):
         raise ConfigError(f"--seeds: give distinct seeds, got {list(seeds)}")
+    if table_only:
+        rows = finished_rows(plan, Path(out), seeds)
+        if not rows:
+            raise ConfigError(f"--table-only: no finished run under {Path(out) / 'runs'}")
+        write_tables(rows, plan, Path(table_dir or out), seeds)
+        return rows
     check_plan(params, plan)
     rows = []
     for config in plan.configurations:
@@ -295,9 +315,11 @@ def table_markdown(
 ) -> str:
     """The markdown table (mean ± std over seeds) with each configuration's description and the
     requested contrasts."""
-    head = ["configuration", "stages", *(k.replace("_r", " R@") for k in METRICS), "wall min"]
+    head = ["configuration", "stages", "seeds", *(k.replace("_r", " R@") for k in METRICS),
+            "wall min"]  # fmt: skip
     lines = [
-        f"# Ablation (test split, mean ± std over seeds {', '.join(map(str, seeds))})",
+        f"# Ablation (test split, mean ± std over the seeds of {', '.join(map(str, seeds))} "
+        "that finished)",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
@@ -307,7 +329,8 @@ def table_markdown(
         cells = [f"{s[k][0]:.1f} ± {s[k][1]:.1f}" for k in METRICS]
         stages = " → ".join(configs[s["config"]].stages)
         minutes = f"{s['train_seconds'][0] / 60:.1f}"
-        lines.append(f"| {s['config']} | {stages} | " + " | ".join(cells) + f" | {minutes} |")
+        lines.append(f"| {s['config']} | {stages} | {s['seeds']} | " + " | ".join(cells)
+                     + f" | {minutes} |")  # fmt: skip
     lines += ["", "R@K in percent; rsum = sum of the six. Seeds per row: "
               + ", ".join(f"{s['config']} {s['seeds']}" for s in summary) + ". wall min: mean "
               "wall-clock minutes of training, as measured (on a shared machine it includes "
