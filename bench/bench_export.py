@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import torch
+from _table import print_and_write_table  # bench/, the script's own directory
 from _tiny import smoke_model_config, smoke_prepared  # bench/, the script's own directory
 
 from imtext.config import ExportConfig, load_stage_config
@@ -345,11 +346,7 @@ def main() -> None:
         + (" SMOKE RUN: numbers mean nothing." if args.smoke else "")
     )
     text = table(exporters, rows, rsum, heading)
-    print(text)
-    out = args.out or (None if args.smoke else REPO / "artifacts" / "bench" / "export.md")
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text + "\n")
+    print_and_write_table(text, "export", args.out, args.smoke)
 
 
 if __name__ == "__main__":

@@ -30,11 +30,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _table import print_and_write_table  # bench/, the script's own directory
 from threadpoolctl import threadpool_limits
 
 from imtext.eval.metrics import per_query_ranks, reference_ranks, retrieval_metrics
 
-REPO = Path(__file__).resolve().parents[1]
 GRID = 2.0**-11
 
 
@@ -203,11 +203,7 @@ def main() -> None:
         args.memory_images, args.captions_per_image, args.memory_dim, args.device
     )
     table = report(args, threads, times, checked, memory, len(texts))
-    out = args.out or (None if args.smoke else REPO / "artifacts" / "bench" / "metrics.md")
-    if out is not None:  # a smoke run never replaces the last real table
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(table + "\n")
-    print(table)
+    print_and_write_table(table, "metrics", args.out, args.smoke)
 
 
 if __name__ == "__main__":

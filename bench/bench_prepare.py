@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _table import print_and_write_table  # bench/, the script's own directory
 from PIL import Image
 
 from imtext.config import load_stage_config
@@ -94,11 +95,7 @@ def main() -> None:
             *rows,
         ]
     )
-    print(table)
-    out = args.out or (None if args.smoke else REPO / "artifacts" / "bench" / "prepare.md")
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(table + "\n")
+    print_and_write_table(table, "prepare", args.out, args.smoke)
 
 
 if __name__ == "__main__":

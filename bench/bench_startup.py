@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from _table import print_and_write_table  # bench/, the script's own directory
+
 REPO = Path(__file__).resolve().parents[1]
 #: What a training step imports (components/pretrain.py -> imtext.pipeline_steps).
 STEP_IMPORTS = "imtext.train.loop, imtext.registry"
@@ -84,11 +86,7 @@ def main() -> None:
         plain.append(sample(imports, tuned=False))
         tuned.append(sample(imports, tuned=True))
     table = report(imports, plain, tuned)
-    out = args.out or (None if args.smoke else REPO / "artifacts" / "bench" / "startup.md")
-    if out is not None:  # a smoke run never replaces the last real table
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(table + "\n")
-    print(table)
+    print_and_write_table(table, "startup", args.out, args.smoke)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import torch
+from _table import print_and_write_table  # bench/, the script's own directory
 from _tiny import smoke_model_config, smoke_stage_config  # bench/, the script's own directory
 
 from imtext.config import load_stage_config
@@ -88,11 +89,7 @@ def main() -> None:
             f"{1000 * best:.0f} | {base / best:.2f}x |"
         )
     table = "\n".join(lines)
-    print(table)
-    out = args.out or (None if args.smoke else REPO / "artifacts" / "bench" / "step.md")
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(table + "\n")
+    print_and_write_table(table, "step", args.out, args.smoke)
 
 
 if __name__ == "__main__":

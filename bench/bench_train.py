@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from _table import print_and_write_table  # bench/, the script's own directory
 from _tiny import smoke_model_config, smoke_prepared, smoke_stage_config  # bench/, this directory
 from torch.profiler import ProfilerActivity, profile
 
@@ -214,11 +215,7 @@ def main() -> None:
         "time - validation).",
     ]
     table = "\n".join(lines)
-    print(table)
-    out = args.out or (None if args.smoke else REPO / "artifacts" / "bench" / "train.md")
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(table + "\n")
+    print_and_write_table(table, "train", args.out, args.smoke)
 
 
 if __name__ == "__main__":

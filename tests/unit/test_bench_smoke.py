@@ -2,8 +2,9 @@
 refactor that breaks a benchmark fails the tests instead of the next person who measures.
 
 The scripts are listed, not globbed: a new benchmark adds itself here together with its smoke mode
-(``bench/_tiny.py`` holds the shared tiny data and model). ``test_every_benchmark_is_listed``
-fails when a script in bench/ is neither listed here nor in ``COVERED_ELSEWHERE``.
+(``bench/_tiny.py`` holds the shared tiny data and model, ``bench/_table.py`` writes the tables).
+``test_every_benchmark_is_listed`` fails when a script in bench/ is neither listed here nor in
+``COVERED_ELSEWHERE``.
 """
 
 from __future__ import annotations
