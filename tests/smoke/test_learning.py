@@ -56,7 +56,7 @@ def test_the_default_recipe_learns_far_above_the_background_plateau(slice_prepar
     # The same split of the budget between the stages as the full run, in fewer epochs.
     total = pretrain_cfg.epochs + finetune_cfg.epochs
     stage1 = round(EPOCHS * pretrain_cfg.epochs / total)
-    common = {"eval_every": EPOCHS, "patience": None}  # params.yaml's loader, as make run
+    common = {"workers": 0, "eval_every": EPOCHS, "patience": None}
     init = None
     if stage1:
         pretrain_cfg = dataclasses.replace(
