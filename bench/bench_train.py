@@ -5,8 +5,7 @@ For Stage I (``pretrain``) and Stage II (``finetune``) with the settings of ``pa
 one batch held in memory, and then one epoch of the real training loop
 (``imtext.train.loop.train_stage``) on the prepared data, not profiled; a last baseline closes the
 bracket. The ratio of the loop's median images/s to the baseline's says what the pipeline around
-the model costs. ``--compare-worker`` also times the loop with the cached items loaded by one
-DataLoader worker, as before they were loaded in the training process. One more epoch
+the model costs. ``--workers 0 1`` times the loop with each DataLoader worker count. One more epoch
 runs under torch.profiler, whose ``imtext.*`` labels split it into data loading, negative mining,
 forward, loss, backward and optimiser.
 """
@@ -29,7 +28,6 @@ from imtext.config import load_stage_config
 from imtext.data.datasets import InstanceTrainDataset, train_transform
 from imtext.data.store import PreparedSplit, read_vocabulary
 from imtext.models import build_model
-from imtext.train import batches
 from imtext.train.batches import Batch
 from imtext.train.loop import autocast_for, train_stage
 from imtext.train.objective import step_losses
@@ -101,29 +99,25 @@ class StageTimes:
     stage: str
     cfg: object
     baselines: list[float]
-    loops: dict[str, list[float]]
+    loops: dict[int, list[float]]
     phases: dict[str, float]
     wall: float
 
 
 def measure_stage(stage, model_cfg, cfg, args, init: Path | None, tmp: Path) -> StageTimes:
-    """``args.repeats`` rounds of (bare step, one unprofiled epoch per loader variant), a last bare
+    """``args.repeats`` rounds of (bare step, one unprofiled epoch per worker count), a last bare
     step, then one profiled epoch for the phase breakdown. Alternating puts the machine's drift
     into both sides of the ratio alike."""
-    variants = {"as configured": True} | ({"1 worker": False} if args.compare_worker else {})
-    baselines, loops = [], {name: [] for name in variants}
+    workers = args.workers if args.workers is not None else [cfg.workers]
+    baselines, loops = [], {w: [] for w in workers}
     for r in range(args.repeats):
         baselines.append(
             model_only_samples_per_s(model_cfg, cfg, args.prepared, args.baseline_steps)
         )
-        for name, in_process in variants.items():
-            batches.IN_PROCESS_WHEN_CACHED = in_process
-            run_cfg = cfg if in_process else dataclasses.replace(cfg, workers=1)
-            out = tmp / f"{stage}-r{r}-{len(loops[name])}-{in_process}"
-            loops[name].append(
-                loop_samples_per_s(stage, model_cfg, run_cfg, args.prepared, init, out)
-            )
-    batches.IN_PROCESS_WHEN_CACHED = True
+        for w in workers:
+            run_cfg = dataclasses.replace(cfg, workers=w)
+            out = tmp / f"{stage}-r{r}-w{w}"
+            loops[w].append(loop_samples_per_s(stage, model_cfg, run_cfg, args.prepared, init, out))
     baselines.append(model_only_samples_per_s(model_cfg, cfg, args.prepared, args.baseline_steps))
     phases, wall = profile_stage(stage, model_cfg, cfg, args.prepared, init, tmp / f"{stage}-prof")
     return StageTimes(stage, cfg, baselines, loops, phases, wall)
@@ -135,15 +129,15 @@ def _spread(values: list[float]) -> str:
 
 def throughput_table(times: list[StageTimes]) -> list[str]:
     lines = [
-        "| stage | ranking | loader | model step only, img/s: median (range) "
+        "| stage | ranking | workers | model step only, img/s: median (range) "
         "| training loop, img/s: median (range) | ratio of medians |",
         "|---|---|---|---|---|---|",
     ]
     for t in times:
         ranking = t.cfg.ranking if t.cfg.loss_weights[0] else "none"
-        for loader, loop in t.loops.items():
+        for w, loop in t.loops.items():
             ratio = statistics.median(loop) / statistics.median(t.baselines)
-            lines.append(f"| {t.stage} | {ranking} | {loader} | {_spread(t.baselines)} "
+            lines.append(f"| {t.stage} | {ranking} | {w} | {_spread(t.baselines)} "
                          f"| {_spread(loop)} | {ratio:.2f}x |")  # fmt: skip
     return lines
 
@@ -168,11 +162,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--baseline-steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3,
                         help="rounds of (bare step, unprofiled epoch) per stage (default 3)")  # fmt: skip
-    parser.add_argument("--compare-worker", action="store_true",
-                        help="also time the loop with cached items loaded by one DataLoader "
-                             "worker process instead of the training process")  # fmt: skip
-    parser.add_argument("--stages", nargs="+", default=["pretrain", "finetune"],
-                        choices=["pretrain", "finetune"])  # fmt: skip
+    parser.add_argument("--workers", type=int, nargs="+", default=None,
+                        help="DataLoader worker counts to time the loop with "
+                             "(default: the stage's own)")  # fmt: skip
     parser.add_argument(
         "--smoke",
         action="store_true",
@@ -193,7 +185,7 @@ def main() -> None:
             model_cfg = smoke_model_config(args.params)
             args.baseline_steps, args.repeats = 1, 1
         init = None
-        for stage in args.stages:
+        for stage in ("pretrain", "finetune"):
             cfg = (smoke_stage_config if args.smoke else load_stage_config)(stage, args.params)
             times.append(measure_stage(stage, model_cfg, cfg, args, init, Path(tmp)))
             init = Path(tmp) / f"{stage}-prof" / "model.pt"
@@ -205,7 +197,7 @@ def main() -> None:
         "",
         *throughput_table(times),
         "",
-        "Where one more epoch's time goes, under torch.profiler (loader as configured):",
+        "Where one more epoch's time goes, under torch.profiler (stage's own workers):",
         "",
         *phase_table(times),
         "",

@@ -228,9 +228,7 @@ class TrainConfig:
     val_shift_average: bool
     #: Stop after this many validations without a better val rsum; ``null`` never stops early.
     patience: int | None
-    #: DataLoader worker processes that decode images. When the split's resized images are
-    #: cached (``shift`` augmentation) items load in the training process instead, drawing
-    #: exactly what one worker would (``imtext.train.batches.epoch_loader``).
+    #: DataLoader worker processes.
     workers: int
     seed: int
     #: Mixed precision of the forward pass: ``bf16``/``fp16`` on CUDA, ``bf16`` also on a CPU

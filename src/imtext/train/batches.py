@@ -162,10 +162,6 @@ def with_negative_pairs(batch: Batch, per_positive: int, rng: np.random.Generato
 # ------------------------------------------------------------------------ the epoch's loader
 
 
-#: Load cached items in the training process (bench_train.py --compare-worker turns it off).
-IN_PROCESS_WHEN_CACHED = True
-
-
 def epoch_loader(
     dataset: InstanceTrainDataset, cfg: TrainConfig, info: distributed.Dist, epoch: int
 ) -> DataLoader:
@@ -173,15 +169,6 @@ def epoch_loader(
     generator = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch))
     if cfg.sentences_per_image > 1:
         return _neighbourhood_loader(dataset, cfg, info, epoch, generator)
-    workers = cfg.workers
-    if dataset.cached and IN_PROCESS_WHEN_CACHED:
-        # A cached item costs 0.15 ms, so a worker process would mostly take turns on the cores
-        # with the step's threads: the loop ran at 0.85x of the bare step with one worker and
-        # 1.03x without (bench/README.md). In-process items draw what that worker would have.
-        workers = 0
-        dataset.draw_as_worker_zero(loader_base_seed(epoch_seed(cfg.seed, epoch)))
-    else:
-        dataset.draw_as_worker_zero(None)
     if info.world_size > 1:
         sampler = DistributedSampler(
             dataset, info.world_size, info.rank, shuffle=True, seed=cfg.seed, drop_last=True
@@ -193,20 +180,12 @@ def epoch_loader(
         dataset,
         batch_size=cfg.batch_size,
         sampler=sampler,
-        num_workers=workers,
+        num_workers=cfg.workers,
         drop_last=True,
         generator=generator,
         pin_memory=info.device.type == "cuda",
         persistent_workers=False,
     )
-
-
-def loader_base_seed(seed: int) -> int:
-    """The base seed that a DataLoader whose generator is seeded with ``seed`` hands its workers
-    (worker k seeds itself with base + k): the generator's first draw, made when an epoch's
-    iterator is created, before the sampler draws its order."""
-    generator = torch.Generator().manual_seed(seed)
-    return int(torch.empty((), dtype=torch.int64).random_(generator=generator).item())
 
 
 def _neighbourhood_loader(
