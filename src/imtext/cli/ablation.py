@@ -205,13 +205,18 @@ def run_one(
     return result
 
 
+def run_directory(out: Path, name: str, seed: int) -> Path:
+    """Where the run of configuration ``name`` at ``seed`` lives under the ablation's ``out``."""
+    return Path(out) / "runs" / name / f"seed{seed}"
+
+
 def finished_rows(plan: Plan, out: Path, seeds: Sequence[int]) -> list[dict[str, Any]]:
     """The stored result of every (configuration, seed) of ``plan`` that has finished under
     ``out``, in plan order; unfinished ones are left out (a table of what exists so far)."""
     rows = []
     for config in plan.configurations:
         for seed in seeds:
-            path = Path(out) / "runs" / config.name / f"seed{seed}" / RESULT_FILE
+            path = run_directory(out, config.name, seed) / RESULT_FILE
             if path.is_file():
                 rows.append(json.loads(path.read_text()))
     return rows
@@ -243,7 +248,7 @@ def run_ablation(
     rows = []
     for config in plan.configurations:
         for seed in seeds:
-            run_dir = Path(out) / "runs" / config.name / f"seed{seed}"
+            run_dir = run_directory(out, config.name, seed)
             row = run_one(
                 params, plan, config, seed, Path(prepared), run_dir, device=device, log=log
             )
