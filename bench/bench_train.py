@@ -37,11 +37,18 @@ REPO = Path(__file__).resolve().parents[1]
 PHASES = ("data", "mining", "forward", "loss", "backward", "optimizer", "validate")
 
 
-def model_only_samples_per_s(model_cfg, cfg, prepared: Path, steps: int) -> float:
-    """Forward + loss + backward + step on one fixed in-memory batch: the loop's upper bound."""
+def _synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so that a clock read after it counts that work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def model_only_samples_per_s(model_cfg, cfg, prepared: Path, steps: int, device) -> float:
+    """Forward + loss + backward + step on one fixed in-memory batch (on ``device``): the loop's
+    upper bound."""
     train = PreparedSplit.load(prepared, "train")
     n_classes = int(train.image_labels.max()) + 1
-    model = build_model(model_cfg, len(read_vocabulary(prepared)), n_classes).train()
+    model = build_model(model_cfg, len(read_vocabulary(prepared)), n_classes).to(device).train()
     optimizer = build_optimizer(parameter_groups(model, cfg), cfg)
     model.image.freeze_backbone(cfg.backbone_lr_mult == 0)
     # The loop's own precision and memory layout, so the ratio is the loop's overhead only.
@@ -55,35 +62,39 @@ def model_only_samples_per_s(model_cfg, cfg, prepared: Path, steps: int) -> floa
     images = torch.stack([it["image"] for it in items]).to(memory_format=torch.channels_last)
     tokens = torch.stack([it["tokens"] for it in items])
     labels = torch.tensor([it["label"] for it in items])
+    images, tokens, labels = images.to(device), tokens.to(device), labels.to(device)
     batch = Batch(images, tokens, labels, labels)
     # Paired ranking needs a batch in its P/N layout; the in-batch loss costs the same model time.
     cfg = dataclasses.replace(cfg, ranking="batch_sum" if cfg.loss_weights[0] else cfg.ranking)
     for i in range(steps + 2):  # two warm-up steps
         if i == 2:
+            _synchronize(device)
             start = time.perf_counter()
-        with autocast_for(torch.device("cpu"), cfg.precision):
-            losses = step_losses(model(images, tokens), batch, cfg, torch.device("cpu"))
+        with autocast_for(device, cfg.precision):
+            losses = step_losses(model(images, tokens), batch, cfg, device)
         optimizer.zero_grad()
         losses["loss"].backward()
         optimizer.step()
+    _synchronize(device)
     return steps * cfg.batch_size / (time.perf_counter() - start)
 
 
-def loop_samples_per_s(stage, model_cfg, cfg, prepared: Path, init: Path | None, out: Path):
+def loop_samples_per_s(stage, model_cfg, cfg, prepared: Path, init: Path | None, out: Path, device):
     """One epoch of the real loop, not profiled: its training images per second (the loop's own
     clock, validation excluded)."""
     cfg = dataclasses.replace(cfg, epochs=1, patience=None)
-    metrics = train_stage(stage, model_cfg, cfg, prepared, out, init=init, device="cpu",
+    metrics = train_stage(stage, model_cfg, cfg, prepared, out, init=init, device=str(device),
                           progress=False)  # fmt: skip
     return metrics["train_samples_per_s"]
 
 
-def profile_stage(stage, model_cfg, cfg, prepared: Path, init: Path | None, out: Path):
+def profile_stage(stage, model_cfg, cfg, prepared: Path, init: Path | None, out: Path, device):
     """One epoch of the real loop under the profiler: (seconds per phase, wall seconds)."""
     cfg = dataclasses.replace(cfg, epochs=1, patience=None)
     start = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        train_stage(stage, model_cfg, cfg, prepared, out, init=init, device="cpu", progress=False)
+        train_stage(stage, model_cfg, cfg, prepared, out, init=init, device=str(device),
+                    progress=False)  # fmt: skip
     wall = time.perf_counter() - start
     phases = {p: 0.0 for p in PHASES}
     for event in prof.key_averages():
@@ -112,15 +123,27 @@ def measure_stage(stage, model_cfg, cfg, args, init: Path | None, tmp: Path) -> 
     baselines, loops = [], {w: [] for w in workers}
     for r in range(args.repeats):
         baselines.append(
-            model_only_samples_per_s(model_cfg, cfg, args.prepared, args.baseline_steps)
+            model_only_samples_per_s(model_cfg, cfg, args.prepared, args.baseline_steps, args.device)
         )
         for w in workers:
             run_cfg = dataclasses.replace(cfg, workers=w)
             out = tmp / f"{stage}-r{r}-w{w}"
-            loops[w].append(loop_samples_per_s(stage, model_cfg, run_cfg, args.prepared, init, out))
-    baselines.append(model_only_samples_per_s(model_cfg, cfg, args.prepared, args.baseline_steps))
-    phases, wall = profile_stage(stage, model_cfg, cfg, args.prepared, init, tmp / f"{stage}-prof")
+            loops[w].append(
+                loop_samples_per_s(stage, model_cfg, run_cfg, args.prepared, init, out, args.device)
+            )
+    baselines.append(
+        model_only_samples_per_s(model_cfg, cfg, args.prepared, args.baseline_steps, args.device)
+    )
+    phases, wall = profile_stage(
+        stage, model_cfg, cfg, args.prepared, init, tmp / f"{stage}-prof", args.device
+    )
     return StageTimes(stage, cfg, baselines, loops, phases, wall)
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} ({torch.get_num_threads()} CPU threads)"
+    return f"{torch.get_num_threads()} CPU threads"
 
 
 def _spread(values: list[float]) -> str:
@@ -165,6 +188,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--workers", type=int, nargs="+", default=None,
                         help="DataLoader worker counts to time the loop with "
                              "(default: the stage's own)")  # fmt: skip
+    parser.add_argument("--device", type=torch.device, default=torch.device("cpu"),
+                        help="cpu (default) or cuda[:N]; on CUDA the phases are host time, "
+                             "the clocks wait for the GPU")  # fmt: skip
     parser.add_argument(
         "--smoke",
         action="store_true",
@@ -191,7 +217,7 @@ def main() -> None:
             init = Path(tmp) / f"{stage}-prof" / "model.pt"
 
     lines = [
-        f"training throughput on {torch.get_num_threads()} CPU threads, one epoch per run, "
+        f"training throughput on {_device_name(args.device)}, one epoch per run, "
         f"{args.repeats} rounds, settings of {args.params.name} (model: "
         f"{model_cfg.image_backbone} at {model_cfg.image_size} px, embed {model_cfg.embed_dim})",
         "",
