@@ -5,7 +5,9 @@ For Stage I (``pretrain``) and Stage II (``finetune``) with the settings of ``pa
 one batch held in memory, and then one epoch of the real training loop
 (``imtext.train.loop.train_stage``) on the prepared data, not profiled; a last baseline closes the
 bracket. The ratio of the loop's median images/s to the baseline's says what the pipeline around
-the model costs. ``--workers 0 1`` times the loop with each DataLoader worker count. One more epoch
+the model costs. The loop runs as configured (on the CPU, cached items load in the training
+process) and, for each count of ``--workers``, with that many DataLoader worker processes. One more
+epoch
 runs under torch.profiler, whose ``imtext.*`` labels split it into data loading, negative mining,
 forward, loss, backward and optimiser.
 """
@@ -28,7 +30,9 @@ from imtext.config import load_stage_config
 from imtext.data.datasets import InstanceTrainDataset, train_transform
 from imtext.data.store import PreparedSplit, read_vocabulary
 from imtext.models import build_model
-from imtext.train.batches import Batch
+from imtext.train import batches
+from imtext.train.batches import Batch, epoch_loader
+from imtext.train.distributed import Dist
 from imtext.train.loop import autocast_for, train_stage
 from imtext.train.objective import step_losses
 from imtext.train.schedule import build_optimizer, parameter_groups
@@ -88,6 +92,27 @@ def loop_samples_per_s(stage, model_cfg, cfg, prepared: Path, init: Path | None,
     return metrics["train_samples_per_s"]
 
 
+def loader_alone(model_cfg, cfg, prepared: Path, device, workers: int, in_process: bool):
+    """One epoch of the stage's loader with no model (pinned on CUDA, as the loop loads it):
+    (seconds to its first batch, images/s over the whole epoch). The data side's ceiling."""
+    dataset = InstanceTrainDataset(
+        PreparedSplit.load(prepared, "train"),
+        train_transform(model_cfg.image_size, cfg.hflip, cfg.crop_scale, cfg.image_augment),
+        cfg.text_shift,
+    )
+    dataset.cache_resized_images()
+    batches.IN_PROCESS_WHEN_CACHED = in_process
+    loader = epoch_loader(dataset, dataclasses.replace(cfg, workers=workers),
+                          Dist(0, 1, device), 0)  # fmt: skip
+    start = time.perf_counter()
+    iterator = iter(loader)
+    images = len(next(iterator)["image"])
+    first = time.perf_counter() - start
+    images += sum(len(items["image"]) for items in iterator)
+    batches.IN_PROCESS_WHEN_CACHED = True
+    return first, images / (time.perf_counter() - start)
+
+
 def profile_stage(stage, model_cfg, cfg, prepared: Path, init: Path | None, out: Path, device):
     """One epoch of the real loop under the profiler: (seconds per phase, wall seconds)."""
     cfg = dataclasses.replace(cfg, epochs=1, patience=None)
@@ -105,39 +130,51 @@ def profile_stage(stage, model_cfg, cfg, prepared: Path, init: Path | None, out:
 
 @dataclasses.dataclass
 class StageTimes:
-    """What one stage measured: baselines bracket the loop's epochs, one list per worker count."""
+    """What one stage measured: baselines bracket the loop's epochs, one list per loader."""
 
     stage: str
     cfg: object
     baselines: list[float]
-    loops: dict[int, list[float]]
+    loops: dict[str, list[float]]
     phases: dict[str, float]
     wall: float
+    loader_only: dict[str, tuple[float, float]]
 
 
 def measure_stage(stage, model_cfg, cfg, args, init: Path | None, tmp: Path) -> StageTimes:
-    """``args.repeats`` rounds of (bare step, one unprofiled epoch per worker count), a last bare
+    """``args.repeats`` rounds of (bare step, one unprofiled epoch per loader), a last bare
     step, then one profiled epoch for the phase breakdown. Alternating puts the machine's drift
     into both sides of the ratio alike."""
-    workers = args.workers if args.workers is not None else [cfg.workers]
-    baselines, loops = [], {w: [] for w in workers}
+    # label -> (workers, load cached items in process when on the CPU)
+    loaders = {"as configured": (cfg.workers, True)} | {
+        f"{w} worker{'s' * (w != 1)}": (w, False) for w in args.workers
+    }
+    baselines, loops = [], {label: [] for label in loaders}
     for r in range(args.repeats):
         baselines.append(
-            model_only_samples_per_s(model_cfg, cfg, args.prepared, args.baseline_steps, args.device)
+            model_only_samples_per_s(
+                model_cfg, cfg, args.prepared, args.baseline_steps, args.device
+            )
         )
-        for w in workers:
-            run_cfg = dataclasses.replace(cfg, workers=w)
-            out = tmp / f"{stage}-r{r}-w{w}"
-            loops[w].append(
+        for i, (label, (workers, in_process)) in enumerate(loaders.items()):
+            batches.IN_PROCESS_WHEN_CACHED = in_process
+            run_cfg = dataclasses.replace(cfg, workers=workers)
+            out = tmp / f"{stage}-r{r}-l{i}"
+            loops[label].append(
                 loop_samples_per_s(stage, model_cfg, run_cfg, args.prepared, init, out, args.device)
             )
+        batches.IN_PROCESS_WHEN_CACHED = True
     baselines.append(
         model_only_samples_per_s(model_cfg, cfg, args.prepared, args.baseline_steps, args.device)
     )
     phases, wall = profile_stage(
         stage, model_cfg, cfg, args.prepared, init, tmp / f"{stage}-prof", args.device
     )
-    return StageTimes(stage, cfg, baselines, loops, phases, wall)
+    loader_only = {
+        label: loader_alone(model_cfg, cfg, args.prepared, args.device, workers, in_process)
+        for label, (workers, in_process) in loaders.items()
+    }
+    return StageTimes(stage, cfg, baselines, loops, phases, wall, loader_only)
 
 
 def _device_name(device: torch.device) -> str:
@@ -152,16 +189,28 @@ def _spread(values: list[float]) -> str:
 
 def throughput_table(times: list[StageTimes]) -> list[str]:
     lines = [
-        "| stage | ranking | workers | model step only, img/s: median (range) "
+        "| stage | ranking | loader | model step only, img/s: median (range) "
         "| training loop, img/s: median (range) | ratio of medians |",
         "|---|---|---|---|---|---|",
     ]
     for t in times:
         ranking = t.cfg.ranking if t.cfg.loss_weights[0] else "none"
-        for w, loop in t.loops.items():
+        for loader, loop in t.loops.items():
             ratio = statistics.median(loop) / statistics.median(t.baselines)
-            lines.append(f"| {t.stage} | {ranking} | {w} | {_spread(t.baselines)} "
+            lines.append(f"| {t.stage} | {ranking} | {loader} | {_spread(t.baselines)} "
                          f"| {_spread(loop)} | {ratio:.2f}x |")  # fmt: skip
+    return lines
+
+
+def loader_table(times: list[StageTimes]) -> list[str]:
+    lines = [
+        "| stage | loader | first batch, s | img/s over the epoch | loop's median / loader's |",
+        "|---|---|---|---|---|",
+    ]
+    for t in times:
+        for label, (first, rate) in t.loader_only.items():
+            share = statistics.median(t.loops[label]) / rate
+            lines.append(f"| {t.stage} | {label} | {first:.2f} | {rate:.0f} | {share:.2f} |")
     return lines
 
 
@@ -185,9 +234,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--baseline-steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3,
                         help="rounds of (bare step, unprofiled epoch) per stage (default 3)")  # fmt: skip
-    parser.add_argument("--workers", type=int, nargs="+", default=None,
-                        help="DataLoader worker counts to time the loop with "
-                             "(default: the stage's own)")  # fmt: skip
+    parser.add_argument("--workers", type=int, nargs="*", default=[],
+                        help="also time the loop with each of these DataLoader worker counts "
+                             "(worker processes even for cached items on the CPU)")  # fmt: skip
     parser.add_argument("--device", type=torch.device, default=torch.device("cpu"),
                         help="cpu (default) or cuda[:N]; on CUDA the phases are host time, "
                              "the clocks wait for the GPU")  # fmt: skip
@@ -223,7 +272,11 @@ def main() -> None:
         "",
         *throughput_table(times),
         "",
-        "Where one more epoch's time goes, under torch.profiler (stage's own workers):",
+        "The loader alone, no model (one epoch each, after the rounds above):",
+        "",
+        *loader_table(times),
+        "",
+        "Where one more epoch's time goes, under torch.profiler (loader as configured):",
         "",
         *phase_table(times),
         "",

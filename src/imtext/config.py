@@ -228,7 +228,9 @@ class TrainConfig:
     val_shift_average: bool
     #: Stop after this many validations without a better val rsum; ``null`` never stops early.
     patience: int | None
-    #: DataLoader worker processes.
+    #: DataLoader worker processes. Training on the CPU with the split's resized images cached
+    #: (``shift`` augmentation), items load in the training process instead, drawing exactly
+    #: what one worker would (``imtext.train.batches.epoch_loader``).
     workers: int
     seed: int
     #: Mixed precision of the forward pass: ``bf16``/``fp16`` on CUDA, ``bf16`` also on a CPU

@@ -187,3 +187,25 @@ def test_a_run_that_stopped_early_stays_stopped_when_resumed(tiny_prepared, tmp_
     assert "resuming after epoch 1" in resumed.stderr
     assert len(json.loads((out / "history.json").read_text())) == 1
     assert json.loads((out / "metrics.json").read_text())["epochs"] == 1
+
+
+def test_cached_in_process_items_train_what_a_decoding_worker_trains(
+    tiny_prepared, tmp_path, monkeypatch
+):
+    """With the resized-image cache the loader runs in the training process (no worker) and
+    draws what its one worker would have: the same weights as decoding every image in a worker
+    every epoch."""
+    from imtext.config import load_stage_config
+    from imtext.data.datasets import InstanceTrainDataset
+    from imtext.train.loop import train_stage
+
+    params = tiny_params(tmp_path / "params.yaml", epochs=2, image_augment="shift", workers=1)
+    model_cfg = load_stage_config("model", params)
+    cfg = load_stage_config("finetune", params)
+    cached = train_stage("finetune", model_cfg, cfg, tiny_prepared, tmp_path / "cached",
+                         device="cpu", progress=False)  # fmt: skip
+    monkeypatch.setattr(InstanceTrainDataset, "cache_resized_images", lambda self: False)
+    decoded = train_stage("finetune", model_cfg, cfg, tiny_prepared, tmp_path / "decoded",
+                          device="cpu", progress=False)  # fmt: skip
+    assert_same_weights(tmp_path / "cached" / "model.pt", tmp_path / "decoded" / "model.pt")
+    assert cached["val_rsum"] == decoded["val_rsum"]

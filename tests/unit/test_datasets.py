@@ -13,6 +13,7 @@ from imtext.data.datasets import (
     train_transform,
 )
 from imtext.data.store import PreparedSplit
+from imtext.train.batches import loader_base_seed
 
 
 @pytest.fixture
@@ -81,6 +82,36 @@ def test_the_resized_cache_gives_the_same_items_and_draws(prepared, workers):
     expected = _images_of_a_seeded_loader(plain, workers)
     torch.manual_seed(5)
     assert torch.equal(_images_of_a_seeded_loader(cached, workers), expected)
+
+
+def _items_of_a_seeded_loader(dataset: InstanceTrainDataset, workers: int) -> dict:
+    loader = DataLoader(
+        dataset, batch_size=2, num_workers=workers, generator=torch.Generator().manual_seed(3)
+    )
+    batches = list(loader)
+    return {key: torch.cat([batch[key] for batch in batches]) for key in ("image", "tokens")}
+
+
+def test_in_process_items_draw_what_worker_zero_draws(tiny_prepared):
+    split = PreparedSplit.load(tiny_prepared, "train")
+    dataset = InstanceTrainDataset(split, train_transform(16, hflip=True, augment="shift"))
+    assert dataset.cache_resized_images()
+    in_worker = _items_of_a_seeded_loader(dataset, workers=1)
+    plain_in_process = _items_of_a_seeded_loader(dataset, workers=0)
+    # Without it, in-process items draw other shifts and captions: the test can fail.
+    assert not torch.equal(plain_in_process["image"], in_worker["image"])
+    assert not torch.equal(plain_in_process["tokens"], in_worker["tokens"])
+
+    dataset.draw_as_worker_zero(loader_base_seed(3))
+    torch.manual_seed(11)
+    before = torch.get_rng_state()
+    in_process = _items_of_a_seeded_loader(dataset, workers=0)
+    assert torch.equal(in_process["image"], in_worker["image"])
+    assert torch.equal(in_process["tokens"], in_worker["tokens"])
+    # The training process's own generator (dropout) is untouched by the items' draws.
+    assert torch.equal(torch.get_rng_state(), before)
+    dataset.draw_as_worker_zero(None)
+    assert not torch.equal(_items_of_a_seeded_loader(dataset, 0)["image"], in_worker["image"])
 
 
 def test_the_resized_cache_is_skipped_for_a_random_first_step_or_over_budget(prepared):

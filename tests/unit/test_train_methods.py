@@ -243,6 +243,21 @@ def test_the_default_loader_batch_is_one_caption_per_image(tiny_prepared):
     assert batch.caption_slot is None and batch.tokens.shape[0] == batch.images.shape[0] == 8
 
 
+def test_cached_items_load_in_process_on_the_cpu_and_in_workers_for_a_gpu(tiny_prepared):
+    from imtext.data.datasets import InstanceTrainDataset, train_transform
+
+    cfg = train_config(batch_size=8, workers=2, image_augment="shift")
+    split = PreparedSplit.load(tiny_prepared, "train")
+    dataset = InstanceTrainDataset(split, train_transform(32, False, augment="shift"))
+    assert dataset.cache_resized_images()
+    assert _loader(dataset, cfg, _single(), 0).num_workers == 0
+    # Built, not iterated: only the loader's settings are checked, so no GPU is needed.
+    gpu = distributed.Dist(0, 1, torch.device("cuda", 0))
+    assert _loader(dataset, cfg, gpu, 0).num_workers == 2
+    uncached = _dataset(split, cfg)
+    assert _loader(uncached, cfg, _single(), 0).num_workers == 2
+
+
 def _dataset(split, cfg):
     from imtext.data.datasets import InstanceTrainDataset, train_transform
 

@@ -121,6 +121,10 @@ class InstanceTrainDataset(Dataset):
         #: steps (uint8, one tensor), and the steps left to apply per item.
         self._resized: torch.Tensor | None = None
         self._after_resized: v2.Compose | None = None
+        #: With :meth:`draw_as_worker_zero`: the seed of in-process items and the state of torch's
+        #: generator that their transforms draw from.
+        self._inline_seed: int | None = None
+        self._inline_torch_state: torch.Tensor | None = None
 
     def cache_resized_images(self, budget: int = RESIZED_CACHE_BYTES) -> bool:
         """Put every image through the transform's deterministic first steps (decode, resize,
@@ -140,11 +144,27 @@ class InstanceTrainDataset(Dataset):
         self._after_resized = rest
         return True
 
+    @property
+    def cached(self) -> bool:
+        """Whether :meth:`cache_resized_images` holds the images (an item is then cheap)."""
+        return self._resized is not None
+
     def image(self, index: int) -> torch.Tensor:
         """Image ``index`` through the whole transform (from the resized cache when there is one)."""
         if self._resized is None:
             return self.transform(self.split.image(index))
         return self._after_resized(tv_tensors.Image(self._resized[index]))
+
+    def draw_as_worker_zero(self, base_seed: int | None) -> None:
+        """From now on, items loaded in this process draw exactly what DataLoader worker 0 draws
+        for a loader whose base seed (its first draw from its generator) is ``base_seed``: the
+        caption choice and shift, and the transforms' draws from a torch generator of their own,
+        leaving the training process's generator (dropout) alone. ``None`` undoes it."""
+        self._rng = None
+        self._inline_seed = base_seed
+        self._inline_torch_state = (
+            None if base_seed is None else torch.Generator().manual_seed(base_seed).get_state()
+        )
 
     def __len__(self) -> int:
         return self.split.n_images
@@ -153,12 +173,25 @@ class InstanceTrainDataset(Dataset):
         # Keyed by the seed, not the worker: in the main process (num_workers=0) the seed changes
         # when the training loop reseeds torch for an epoch, and a resumed run must draw the same.
         info = get_worker_info()
-        seed = (info.seed if info is not None else int(torch.initial_seed())) % 2**63
+        if info is not None:
+            seed = info.seed
+        else:
+            seed = self._inline_seed if self._inline_seed is not None else torch.initial_seed()
+        seed = int(seed) % 2**63
         if self._rng is None or self._rng_seed != seed:
             self._rng, self._rng_seed = np.random.default_rng(seed), seed
         return self._rng
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
+        if self._inline_torch_state is None or get_worker_info() is not None:
+            return self._item(index)
+        with torch.random.fork_rng(devices=[]):
+            torch.set_rng_state(self._inline_torch_state)
+            item = self._item(index)
+            self._inline_torch_state = torch.get_rng_state()
+        return item
+
+    def _item(self, index: int) -> dict[str, torch.Tensor | int]:
         rng = self._generator()
         caption = int(rng.choice(self.captions_of[index]))
         row, length = self.split.tokens[caption], int(self.split.lengths[caption])

@@ -162,6 +162,11 @@ def with_negative_pairs(batch: Batch, per_positive: int, rng: np.random.Generato
 # ------------------------------------------------------------------------ the epoch's loader
 
 
+#: Load cached items in the training process when training on the CPU (bench_train.py turns it
+#: off to time worker processes instead).
+IN_PROCESS_WHEN_CACHED = True
+
+
 def epoch_loader(
     dataset: InstanceTrainDataset, cfg: TrainConfig, info: distributed.Dist, epoch: int
 ) -> DataLoader:
@@ -169,6 +174,15 @@ def epoch_loader(
     generator = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch))
     if cfg.sentences_per_image > 1:
         return _neighbourhood_loader(dataset, cfg, info, epoch, generator)
+    workers = cfg.workers
+    if dataset.cached and info.device.type == "cpu" and IN_PROCESS_WHEN_CACHED:
+        # On the CPU a cached item costs 0.15-0.3 ms, so a worker process only takes turns on the
+        # cores with the step's threads (bench/README.md). In-process items draw what one worker
+        # would have. On a GPU the step leaves the CPU free, and the workers keep it fed.
+        workers = 0
+        dataset.draw_as_worker_zero(loader_base_seed(epoch_seed(cfg.seed, epoch)))
+    else:
+        dataset.draw_as_worker_zero(None)
     if info.world_size > 1:
         sampler = DistributedSampler(
             dataset, info.world_size, info.rank, shuffle=True, seed=cfg.seed, drop_last=True
@@ -180,12 +194,20 @@ def epoch_loader(
         dataset,
         batch_size=cfg.batch_size,
         sampler=sampler,
-        num_workers=cfg.workers,
+        num_workers=workers,
         drop_last=True,
         generator=generator,
         pin_memory=info.device.type == "cuda",
         persistent_workers=False,
     )
+
+
+def loader_base_seed(seed: int) -> int:
+    """The base seed that a DataLoader whose generator is seeded with ``seed`` hands its workers
+    (worker k seeds itself with base + k): the generator's first draw, made when an epoch's
+    iterator is created, before the sampler draws its order."""
+    generator = torch.Generator().manual_seed(seed)
+    return int(torch.empty((), dtype=torch.int64).random_(generator=generator).item())
 
 
 def _neighbourhood_loader(
