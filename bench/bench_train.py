@@ -7,18 +7,19 @@ one batch held in memory, and then one epoch of the real training loop
 bracket. The ratio of the loop's median images/s to the baseline's says what the pipeline around
 the model costs. The loop runs as configured (on the CPU, cached items load in the training
 process) and, for each count of ``--workers``, with that many DataLoader worker processes. One more
-epoch
-runs under torch.profiler, whose ``imtext.*`` labels split it into data loading, negative mining,
+epoch runs under torch.profiler, whose ``imtext.*`` labels split it into data loading, negative mining,
 forward, loss, backward and optimiser.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -47,21 +48,36 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _train_dataset(model_cfg, cfg, prepared: Path) -> InstanceTrainDataset:
+    """The stage's training items, built as ``train_stage`` builds them."""
+    return InstanceTrainDataset(
+        PreparedSplit.load(prepared, "train"),
+        train_transform(model_cfg.image_size, cfg.hflip, cfg.crop_scale, cfg.image_augment),
+        cfg.text_shift,
+    )
+
+
+@contextlib.contextmanager
+def _loader_mode(in_process: bool) -> Iterator[None]:
+    """Within: cached items load in the training process on the CPU (True) or in the configured
+    worker processes (False); the default is restored after."""
+    batches.IN_PROCESS_WHEN_CACHED = in_process
+    try:
+        yield
+    finally:
+        batches.IN_PROCESS_WHEN_CACHED = True
+
+
 def model_only_samples_per_s(model_cfg, cfg, prepared: Path, steps: int, device) -> float:
     """Forward + loss + backward + step on one fixed in-memory batch (on ``device``): the loop's
     upper bound."""
-    train = PreparedSplit.load(prepared, "train")
-    n_classes = int(train.image_labels.max()) + 1
+    dataset = _train_dataset(model_cfg, cfg, prepared)
+    n_classes = int(dataset.split.image_labels.max()) + 1
     model = build_model(model_cfg, len(read_vocabulary(prepared)), n_classes).to(device).train()
     optimizer = build_optimizer(parameter_groups(model, cfg), cfg)
     model.image.freeze_backbone(cfg.backbone_lr_mult == 0)
     # The loop's own precision and memory layout, so the ratio is the loop's overhead only.
     model.image.to(memory_format=torch.channels_last)
-    dataset = InstanceTrainDataset(
-        train,
-        train_transform(model_cfg.image_size, cfg.hflip, cfg.crop_scale, cfg.image_augment),
-        cfg.text_shift,
-    )
     items = [dataset[i] for i in range(cfg.batch_size)]
     images = torch.stack([it["image"] for it in items]).to(memory_format=torch.channels_last)
     tokens = torch.stack([it["tokens"] for it in items])
@@ -95,21 +111,16 @@ def loop_samples_per_s(stage, model_cfg, cfg, prepared: Path, init: Path | None,
 def loader_alone(model_cfg, cfg, prepared: Path, device, workers: int, in_process: bool):
     """One epoch of the stage's loader with no model (pinned on CUDA, as the loop loads it):
     (seconds to its first batch, images/s over the whole epoch). The data side's ceiling."""
-    dataset = InstanceTrainDataset(
-        PreparedSplit.load(prepared, "train"),
-        train_transform(model_cfg.image_size, cfg.hflip, cfg.crop_scale, cfg.image_augment),
-        cfg.text_shift,
-    )
+    dataset = _train_dataset(model_cfg, cfg, prepared)
     dataset.cache_resized_images()
-    batches.IN_PROCESS_WHEN_CACHED = in_process
-    loader = epoch_loader(dataset, dataclasses.replace(cfg, workers=workers),
-                          Dist(0, 1, device), 0)  # fmt: skip
-    start = time.perf_counter()
-    iterator = iter(loader)
-    images = len(next(iterator)["image"])
-    first = time.perf_counter() - start
-    images += sum(len(items["image"]) for items in iterator)
-    batches.IN_PROCESS_WHEN_CACHED = True
+    with _loader_mode(in_process):
+        loader = epoch_loader(dataset, dataclasses.replace(cfg, workers=workers),
+                              Dist(0, 1, device), 0)  # fmt: skip
+        start = time.perf_counter()
+        iterator = iter(loader)
+        images = len(next(iterator)["image"])
+        first = time.perf_counter() - start
+        images += sum(len(items["image"]) for items in iterator)
     return first, images / (time.perf_counter() - start)
 
 
@@ -157,13 +168,12 @@ def measure_stage(stage, model_cfg, cfg, args, init: Path | None, tmp: Path) -> 
             )
         )
         for i, (label, (workers, in_process)) in enumerate(loaders.items()):
-            batches.IN_PROCESS_WHEN_CACHED = in_process
             run_cfg = dataclasses.replace(cfg, workers=workers)
             out = tmp / f"{stage}-r{r}-l{i}"
-            loops[label].append(
-                loop_samples_per_s(stage, model_cfg, run_cfg, args.prepared, init, out, args.device)
-            )
-        batches.IN_PROCESS_WHEN_CACHED = True
+            with _loader_mode(in_process):
+                loops[label].append(loop_samples_per_s(
+                    stage, model_cfg, run_cfg, args.prepared, init, out, args.device
+                ))  # fmt: skip
     baselines.append(
         model_only_samples_per_s(model_cfg, cfg, args.prepared, args.baseline_steps, args.device)
     )
