@@ -5,11 +5,14 @@ import pytest
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader
+from torchvision.transforms import v2
 
 from imtext.data.datasets import (
     ImageDataset,
     InstanceTrainDataset,
     eval_transform,
+    split_at_first_random,
+    split_cached_steps,
     train_transform,
 )
 from imtext.data.store import PreparedSplit
@@ -71,13 +74,15 @@ def _images_of_a_seeded_loader(dataset: InstanceTrainDataset, workers: int) -> t
     return torch.cat([batch["image"] for batch in loader])
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_the_resized_cache_gives_the_same_items_and_draws(prepared, workers):
-    split = PreparedSplit.load(prepared, "train")
-    plain = InstanceTrainDataset(split, train_transform(16, hflip=True, augment="shift"))
-    cached = InstanceTrainDataset(split, train_transform(16, hflip=True, augment="shift"))
+@pytest.mark.parametrize(("workers", "hflip"), [(0, True), (2, True), (0, False)])
+def test_the_resized_cache_gives_the_same_items_and_draws(tiny_prepared, workers, hflip):
+    # Rendered shapes, not flat colours: a crop in the wrong place gives other pixels.
+    split = PreparedSplit.load(tiny_prepared, "train")
+    plain = InstanceTrainDataset(split, train_transform(16, hflip=hflip, augment="shift"))
+    cached = InstanceTrainDataset(split, train_transform(16, hflip=hflip, augment="shift"))
     assert cached.cache_resized_images()
-    assert cached._resized.shape == (split.n_images, 3, 16, 16)
+    # Padded by the shift's 1 px (16 // 16) each side, so that the crop is a slice.
+    assert cached._resized.shape == (split.n_images, 3, 18, 18)
     torch.manual_seed(5)
     expected = _images_of_a_seeded_loader(plain, workers)
     torch.manual_seed(5)
@@ -114,12 +119,30 @@ def test_in_process_items_draw_what_worker_zero_draws(tiny_prepared):
     assert not torch.equal(_items_of_a_seeded_loader(dataset, 0)["image"], in_worker["image"])
 
 
+def test_the_shift_transform_after_the_cache_is_a_slice_then_plain_functions():
+    _, rest = split_at_first_random(train_transform(64, hflip=True, augment="shift"))
+    steps = split_cached_steps(rest)
+    assert steps.crop is not None and steps.cache_padding == [4, 4, 4, 4]
+    assert [type(t) for t in steps.middle.transforms] == [v2.RandomHorizontalFlip]
+    assert steps.to_dtype is not None and steps.normalize is not None
+    no_flip = split_cached_steps(
+        split_at_first_random(train_transform(64, False, augment="shift"))[1]
+    )
+    assert no_flip.middle is None
+    # A crop whose padding needs a fill, or a normalise without the conversion, stays a step.
+    constant = v2.Compose([v2.RandomCrop(8, padding=1), v2.Normalize([0.5], [0.5])])
+    kept = split_cached_steps(constant)
+    assert kept.crop is None and kept.to_dtype is None and kept.normalize is None
+    assert kept.middle.transforms == constant.transforms
+
+
 def test_the_resized_cache_is_skipped_for_a_random_first_step_or_over_budget(prepared):
     split = PreparedSplit.load(prepared, "train")
     # The paper's resized crop draws before it resizes: nothing is the same in every epoch.
     resized_crop = InstanceTrainDataset(split, train_transform(16, hflip=False))
     assert not resized_crop.cache_resized_images()
     shift = InstanceTrainDataset(split, train_transform(16, hflip=False, augment="shift"))
+    # The budget is for the resized images; the padding for the crop comes on top.
     assert not shift.cache_resized_images(budget=3 * 16 * 16 * split.n_images - 1)
     assert shift._resized is None
     assert shift.cache_resized_images(budget=3 * 16 * 16 * split.n_images)
