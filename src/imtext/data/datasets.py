@@ -91,8 +91,9 @@ class CachedSteps:
     """A transform's random rest, to apply to a cached image faster than ``v2.Compose`` does, with
     the same draws and the same values (``split_cached_steps``): ``crop`` is a leading
     ``RandomCrop`` whose padding the cache holds, so that it becomes a slice; ``middle`` the steps
-    applied as they are (None if there are none); ``to_dtype`` and ``normalize`` trailing steps run as plain functions (the
-    v2 classes' dispatch cost more than their arithmetic on a 64 px image)."""
+    applied as they are (None if there are none); ``to_dtype`` and ``normalize`` trailing steps
+    run as plain functions (the v2 classes' dispatch cost more than their arithmetic on a 64 px
+    image)."""
 
     crop: v2.RandomCrop | None
     middle: v2.Compose | None
