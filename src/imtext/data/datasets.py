@@ -102,9 +102,8 @@ class CachedSteps:
 
     @property
     def cache_padding(self) -> list[int]:
-        """What to pad each cached image by, as ``F.pad`` takes it: [left, top, right, bottom]."""
-        if self.crop is None:
-            return [0, 0, 0, 0]
+        """What to pad each cached image by for ``crop``, as ``F.pad`` takes it: [left, top,
+        right, bottom]."""
         left, right, top, bottom = self.crop.padding  # v2 keeps it in this order
         return [left, top, right, bottom]
 
@@ -122,14 +121,15 @@ def split_cached_steps(rest: v2.Compose) -> CachedSteps:
         and steps[0].padding_mode != "constant"
     ):
         crop = steps.pop(0)
-    normalize = steps.pop() if steps and type(steps[-1]) is v2.Normalize else None
-    to_dtype = None
-    if normalize is not None and steps and type(steps[-1]) is v2.ToDtype:
-        if isinstance(steps[-1].dtype, torch.dtype):
-            to_dtype = steps.pop()
-    if normalize is not None and to_dtype is None:
-        steps.append(normalize)
-        normalize = None
+    to_dtype = normalize = None
+    if (
+        len(steps) >= 2
+        and type(steps[-2]) is v2.ToDtype
+        and isinstance(steps[-2].dtype, torch.dtype)
+        and type(steps[-1]) is v2.Normalize
+    ):
+        to_dtype, normalize = steps[-2:]
+        del steps[-2:]
     return CachedSteps(crop, v2.Compose(steps) if steps else None, to_dtype, normalize)
 
 
